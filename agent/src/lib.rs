@@ -1,0 +1,9 @@
+//! nixos-ami-agent: turns a freshly launched EC2 instance into the NixOS
+//! configuration its operator named.
+//!
+//! The flow reads as sources → settings → plan → steps → state:
+//! [`imds`] and [`ssm`] fetch, [`userdata`] sniffs, [`settings`] validates
+//! and layers, [`plan`] decides, [`steps`] run the programs, [`state`]
+//! remembers. [`run`] strings them together; [`cli`] is the front door.
+
+pub mod settings;

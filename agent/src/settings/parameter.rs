@@ -1,0 +1,269 @@
+//! SSM parameter names as the `ssm-parameter` setting may give them, and the
+//! values such a parameter may hold.
+
+use super::document::{self, DocError};
+use super::output_ref::OutputRef;
+use super::{Action, RebootPolicy};
+use serde::Deserialize;
+
+const MAX_LEN: usize = 2048;
+
+/// `name`, `name:label`, `name:version` or
+/// `arn:PARTITION:ssm:REGION:ACCOUNT:parameter/NAME[:selector]`, checked
+/// for the characters SSM allows so a typo fails before any request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParameterName {
+    raw: String,
+    region: Option<String>,
+}
+
+impl ParameterName {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        if raw.is_empty() {
+            return Err("is empty".into());
+        }
+        if raw.len() > MAX_LEN {
+            return Err(format!("is longer than {MAX_LEN} characters"));
+        }
+        if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("contains whitespace or control characters".into());
+        }
+        if raw.starts_with('-') {
+            return Err("starts with `-`".into());
+        }
+        if let Some(arn) = raw.strip_prefix("arn:") {
+            let parts: Vec<&str> = arn.splitn(5, ':').collect();
+            let [partition, service, region, account, resource] = parts[..] else {
+                return Err(
+                    "is not a valid ARN (arn:aws:ssm:REGION:ACCOUNT:parameter/NAME)".into(),
+                );
+            };
+            if !partition.starts_with("aws") || service != "ssm" {
+                return Err("is an ARN, but not of an SSM parameter".into());
+            }
+            if region.is_empty()
+                || !region
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            {
+                return Err("is an ARN with an invalid region".into());
+            }
+            if account.len() != 12 || !account.chars().all(|c| c.is_ascii_digit()) {
+                return Err("is an ARN with an invalid account id (12 digits)".into());
+            }
+            let Some(name) = resource.strip_prefix("parameter/") else {
+                return Err("is an ARN, but not of the form ...:parameter/NAME".into());
+            };
+            check_name_and_selector(name)?;
+            return Ok(Self {
+                raw: raw.to_owned(),
+                region: Some(region.to_owned()),
+            });
+        }
+        check_name_and_selector(raw)?;
+        Ok(Self {
+            raw: raw.to_owned(),
+            region: None,
+        })
+    }
+
+    /// Exactly what GetParameter's `Name` gets.
+    pub fn as_str(&self) -> &str {
+        &self.raw
+    }
+
+    /// The region an ARN names: the parameter lives there, whatever the
+    /// instance's region is.
+    pub fn arn_region(&self) -> Option<&str> {
+        self.region.as_deref()
+    }
+}
+
+fn check_name_and_selector(s: &str) -> Result<(), String> {
+    let (name, selector) = match s.split_once(':') {
+        Some((n, sel)) => (n, Some(sel)),
+        None => (s, None),
+    };
+    let bare = name.trim_start_matches('/');
+    if bare.is_empty() {
+        return Err("has an empty name".into());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'))
+    {
+        return Err(
+            "has characters SSM does not allow in names (letters, digits, `_ . - /`)".into(),
+        );
+    }
+    if name.contains("//") || name.ends_with('/') {
+        return Err("has an empty path component".into());
+    }
+    if let Some(sel) = selector {
+        let ok_label = !sel.is_empty()
+            && sel.len() <= 100
+            && sel
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !ok_label {
+            return Err("has an invalid `:label` or `:version` selector".into());
+        }
+    }
+    Ok(())
+}
+
+/// What a parameter's value asks for: a target and, optionally, how to
+/// apply it. The fleet's parameter wins over user data for these keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParameterSettings {
+    pub flake: OutputRef,
+    pub action: Option<Action>,
+    pub reboot: Option<RebootPolicy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ParameterDocument {
+    flake: Option<String>,
+    action: Option<Action>,
+    reboot: Option<RebootPolicy>,
+}
+
+/// Why a value was refused, never quoting a SecureString.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueError {
+    pub key: Option<String>,
+    pub reason: String,
+}
+
+/// A value is a bare output ref (one line, no `=`), or TOML settings with
+/// `flake` and optionally `action`/`reboot`.
+pub fn parse_value(value: &str, secret: bool) -> Result<ParameterSettings, ValueError> {
+    let trimmed = value.trim();
+    let is_toml = trimmed.contains('\n') || trimmed.contains('=') || trimmed.starts_with('#');
+    if !is_toml {
+        let flake = OutputRef::parse(trimmed).map_err(|reason| ValueError {
+            key: None,
+            reason: format!("the value is not a FlakeHub output reference: it {reason}"),
+        })?;
+        return Ok(ParameterSettings {
+            flake,
+            action: None,
+            reboot: None,
+        });
+    }
+    let doc: ParameterDocument = document::from_toml(value).map_err(|e: DocError| {
+        let reason = if secret {
+            // serde's messages can quote the offending value.
+            match e.position {
+                Some((l, c)) => format!(
+                    "invalid TOML settings at line {l}, column {c} (details withheld: SecureString)"
+                ),
+                None => "invalid TOML settings (details withheld: SecureString)".into(),
+            }
+        } else {
+            e.describe()
+        };
+        ValueError { key: e.key, reason }
+    })?;
+    let Some(flake) = doc.flake else {
+        return Err(ValueError {
+            key: Some("flake".into()),
+            reason: "missing: the value must name the output reference to apply".into(),
+        });
+    };
+    let flake = OutputRef::parse(&flake).map_err(|reason| ValueError {
+        key: Some("flake".into()),
+        reason: format!("not a FlakeHub output reference: it {reason}"),
+    })?;
+    Ok(ParameterSettings {
+        flake,
+        action: doc.action,
+        reboot: doc.reboot,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_labels_versions_and_arns() {
+        for ok in [
+            "fleet-web",
+            "/fleets/web/target",
+            "/fleets/web/target:canary",
+            "/fleets/web/target:42",
+            "arn:aws:ssm:eu-west-1:123456789012:parameter/fleets/web",
+            "arn:aws-cn:ssm:cn-north-1:123456789012:parameter/web:prod",
+        ] {
+            ParameterName::parse(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        assert_eq!(
+            ParameterName::parse("arn:aws:ssm:eu-west-1:123456789012:parameter/x")
+                .unwrap()
+                .arn_region(),
+            Some("eu-west-1")
+        );
+        assert_eq!(ParameterName::parse("/x").unwrap().arn_region(), None);
+    }
+
+    #[test]
+    fn bad_names() {
+        for bad in [
+            "",
+            "-x",
+            "--option",
+            "a b",
+            "a\nb",
+            "a$(id)",
+            "/",
+            "a//b",
+            "a:",
+            "a:b c",
+            "arn:aws:s3:eu-west-1:123456789012:parameter/x",
+            "arn:aws:ssm:eu-west-1:123:parameter/x",
+            "arn:aws:ssm:eu-west-1:123456789012:document/x",
+        ] {
+            assert!(ParameterName::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn bare_reference_value() {
+        let s = parse_value("org/flake/0.1#nixosConfigurations.web\n", false).unwrap();
+        assert_eq!(s.flake.as_str(), "org/flake/0.1#nixosConfigurations.web");
+        assert_eq!((s.action, s.reboot), (None, None));
+    }
+
+    #[test]
+    fn toml_value() {
+        let v = "flake = \"org/flake/0.2#nixosConfigurations.web\"\naction = \"boot\"\nreboot = \"always\"\n";
+        let s = parse_value(v, false).unwrap();
+        assert_eq!(s.action, Some(Action::Boot));
+        assert_eq!(s.reboot, Some(RebootPolicy::Always));
+        let with_header = format!("#nixos-ami-agent\n{v}");
+        assert_eq!(parse_value(&with_header, false).unwrap(), s);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = parse_value("action = \"boot\"", false).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("flake"));
+        let e = parse_value("flake = \"org/f/1#x\"\nlogin = false", false).unwrap_err();
+        assert!(e.reason.contains("login"), "{e:?}");
+        let e = parse_value("flake = \"/nix/store/abc\"", false).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("flake"));
+        let e = parse_value("/nix/store/abc-system", false).unwrap_err();
+        assert!(e.reason.contains("store paths"), "{e:?}");
+    }
+
+    #[test]
+    fn secret_values_are_not_quoted() {
+        let e = parse_value("flake = \"org/f/1#x\"\naction = \"hunter2\"", true).unwrap_err();
+        assert!(!e.reason.contains("hunter2"), "{e:?}");
+        assert!(e.reason.contains("line 2"), "{e:?}");
+        let e = parse_value("hunter2 and more", true).unwrap_err();
+        assert!(!e.reason.contains("hunter2"), "{e:?}");
+    }
+}
