@@ -7,3 +7,4 @@
 //! remembers. [`run`] strings them together; [`cli`] is the front door.
 
 pub mod settings;
+pub mod userdata;

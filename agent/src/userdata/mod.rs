@@ -1,0 +1,395 @@
+//! What the instance's user data asks of the agent, sniffed in the order
+//! the brief fixes: gzip (transparently), MIME multipart, `#nixos-ami-agent`
+//! TOML, JSON with a `"nixos-ami-agent"` key, a `#!` script, or nothing for
+//! us. Never treats anything as a Nix expression.
+//!
+//! Pure: bytes in, [`UserData`] out. The content is never logged (it may
+//! hold secrets); callers log [`Digest`] instead.
+
+pub mod gzip;
+pub mod mime;
+
+use crate::settings::document::{self};
+use crate::settings::{Document, Layer, SettingsError, Source};
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+use std::fmt;
+
+pub const HEADER: &str = "#nixos-ami-agent";
+pub const JSON_KEY: &str = "nixos-ami-agent";
+
+/// Which form the user data had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// No user data (IMDS 404) or zero bytes.
+    Absent,
+    Mime,
+    Toml,
+    Json,
+    Script,
+    /// Something for another tool; the agent leaves it alone.
+    NotForUs,
+}
+
+impl Kind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kind::Absent => "no user data",
+            Kind::Mime => "MIME multipart",
+            Kind::Toml => "#nixos-ami-agent TOML settings",
+            Kind::Json => "JSON with a \"nixos-ami-agent\" key",
+            Kind::Script => "a #! script",
+            Kind::NotForUs => "not addressed to nixos-ami-agent (no settings, no #! script)",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Script {
+    /// `user data` or `part 3 (setup.sh)`.
+    pub label: String,
+    pub body: Vec<u8>,
+    pub digest: Digest,
+}
+
+/// Size and SHA-256: what logs and state say about content they must not
+/// show.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Digest {
+    pub size: usize,
+    pub sha256: String,
+}
+
+impl Digest {
+    pub fn of(bytes: &[u8]) -> Self {
+        let sha256 = Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Self {
+            size: bytes.len(),
+            sha256,
+        }
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} bytes, sha256 {}", self.size, self.sha256)
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserData {
+    pub kind: Kind,
+    pub settings: Option<Layer>,
+    pub scripts: Vec<Script>,
+    /// MIME parts left to other tools, as `part 1 (text/cloud-config)`.
+    pub ignored: Vec<String>,
+}
+
+impl UserData {
+    pub fn absent() -> Self {
+        Self {
+            kind: Kind::Absent,
+            settings: None,
+            scripts: vec![],
+            ignored: vec![],
+        }
+    }
+}
+
+fn invalid(reason: impl Into<String>) -> SettingsError {
+    SettingsError::new(&Source::UserData, None, reason)
+}
+
+pub fn sniff(raw: &[u8]) -> Result<UserData, SettingsError> {
+    let inflated;
+    let bytes = if gzip::is_gzip(raw) {
+        inflated = gzip::inflate(raw, gzip::MAX_INFLATED).map_err(invalid)?;
+        &inflated[..]
+    } else {
+        raw
+    };
+    let one = |kind, settings, scripts| UserData {
+        kind,
+        settings,
+        scripts,
+        ignored: vec![],
+    };
+    if bytes.is_empty() {
+        return Ok(UserData::absent());
+    }
+    if mime::looks_like_mime(bytes) {
+        return from_mime(bytes);
+    }
+    if first_line(bytes) == HEADER.as_bytes() {
+        return Ok(one(Kind::Toml, Some(toml_layer(bytes)?), vec![]));
+    }
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        if let Some(layer) = json_layer(bytes)? {
+            return Ok(one(Kind::Json, Some(layer), vec![]));
+        }
+        return Ok(one(Kind::NotForUs, None, vec![]));
+    }
+    if bytes.starts_with(b"#!") {
+        let script = Script {
+            label: "user data".into(),
+            digest: Digest::of(bytes),
+            body: bytes.to_vec(),
+        };
+        return Ok(one(Kind::Script, None, vec![script]));
+    }
+    Ok(one(Kind::NotForUs, None, vec![]))
+}
+
+fn first_line(bytes: &[u8]) -> &[u8] {
+    let line = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    line.trim_ascii_end()
+}
+
+fn utf8<'a>(bytes: &'a [u8], what: &str) -> Result<&'a str, SettingsError> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        invalid(format!(
+            "{what} is not valid UTF-8 (byte {})",
+            e.valid_up_to()
+        ))
+    })
+}
+
+fn toml_layer(bytes: &[u8]) -> Result<Layer, SettingsError> {
+    let text = utf8(bytes, "the TOML settings")?;
+    let doc: Document =
+        document::from_toml(text).map_err(|e| SettingsError::from_doc(&Source::UserData, e))?;
+    Layer::from_document(doc, Source::UserData)
+}
+
+/// `None` when the JSON is not addressed to us (valid JSON without our
+/// key); an error when it is ours but wrong, or is broken JSON that
+/// mentions our key (an operator's typo must not be silently ignored).
+fn json_layer(bytes: &[u8]) -> Result<Option<Layer>, SettingsError> {
+    #[derive(Deserialize)]
+    struct Wrapper {
+        #[serde(rename = "nixos-ami-agent")]
+        settings: Document,
+    }
+    let mentions_us = bytes
+        .windows(JSON_KEY.len() + 2)
+        .any(|w| w == format!("\"{JSON_KEY}\"").as_bytes());
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Ok(serde_json::Value::Object(map)) if map.contains_key(JSON_KEY) => {}
+        Ok(_) => return Ok(None),
+        Err(_) if !mentions_us => return Ok(None),
+        Err(_) => {}
+    }
+    let w: Wrapper = document::from_json(bytes, JSON_KEY)
+        .map_err(|e| SettingsError::from_doc(&Source::UserData, e))?;
+    Layer::from_document(w.settings, Source::UserData).map(Some)
+}
+
+fn from_mime(bytes: &[u8]) -> Result<UserData, SettingsError> {
+    let mut settings = None;
+    let mut scripts = vec![];
+    let mut ignored = vec![];
+    for part in mime::parts(bytes).map_err(invalid)? {
+        match part {
+            mime::Part::Settings { label, body } => {
+                if settings.is_some() {
+                    return Err(invalid(format!(
+                        "MIME {label}: a second {} part; put all settings in one",
+                        mime::SETTINGS_TYPE
+                    )));
+                }
+                let layer = toml_layer(&body).map_err(|mut e| {
+                    e.reason = format!("MIME {label}: {}", e.reason);
+                    e
+                })?;
+                settings = Some(layer);
+            }
+            mime::Part::Script { label, body } => {
+                if !body.starts_with(b"#!") {
+                    return Err(invalid(format!(
+                        "MIME {label}: a {} part must start with #! (an interpreter line)",
+                        mime::SCRIPT_TYPE
+                    )));
+                }
+                scripts.push(Script {
+                    label,
+                    digest: Digest::of(&body),
+                    body,
+                });
+            }
+            mime::Part::Ignored { label, mimetype } => {
+                ignored.push(format!("{label} ({mimetype})"))
+            }
+        }
+    }
+    let kind = if settings.is_none() && scripts.is_empty() {
+        Kind::NotForUs
+    } else {
+        Kind::Mime
+    };
+    Ok(UserData {
+        kind,
+        settings,
+        scripts,
+        ignored,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::{Action, Target};
+    use flate2::{Compression, write::GzEncoder};
+    use std::io::Write;
+
+    fn gz(data: &[u8]) -> Vec<u8> {
+        let mut e = GzEncoder::new(Vec::new(), Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn flake_of(u: &UserData) -> &str {
+        match &u.settings.as_ref().unwrap().target {
+            Some(Target::Flake(f)) => f.as_str(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    const TOML: &str =
+        "#nixos-ami-agent\nflake = \"o/f/0.1#nixosConfigurations.web\"\naction = \"boot\"\n";
+
+    #[test]
+    fn toml_with_header() {
+        let u = sniff(TOML.as_bytes()).unwrap();
+        assert_eq!(u.kind, Kind::Toml);
+        assert_eq!(flake_of(&u), "o/f/0.1#nixosConfigurations.web");
+        assert_eq!(u.settings.unwrap().action, Some(Action::Boot));
+        let crlf = TOML.replace('\n', "\r\n");
+        assert_eq!(sniff(crlf.as_bytes()).unwrap().kind, Kind::Toml);
+    }
+
+    #[test]
+    fn gzip_is_transparent() {
+        let u = sniff(&gz(TOML.as_bytes())).unwrap();
+        assert_eq!(u.kind, Kind::Toml);
+        let s = sniff(&gz(b"#!/bin/sh\ntrue\n")).unwrap();
+        assert_eq!(s.kind, Kind::Script);
+    }
+
+    #[test]
+    fn gzip_bomb_is_refused() {
+        let e = sniff(&gz(&vec![b'#'; 4 << 20])).unwrap_err();
+        assert!(e.reason.contains("inflates to more than"), "{e}");
+    }
+
+    #[test]
+    fn json_terraform_jsonencode() {
+        let u = sniff(br#"{"other-tool": 1, "nixos-ami-agent": {"ssm-parameter": "/fleet/web", "login": false}}"#).unwrap();
+        assert_eq!(u.kind, Kind::Json);
+        let l = u.settings.unwrap();
+        assert!(matches!(l.target, Some(Target::Ssm(p)) if p.as_str() == "/fleet/web"));
+        assert_eq!(l.login, Some(false));
+    }
+
+    #[test]
+    fn json_errors_name_key_and_line() {
+        let e = sniff(b"{\"nixos-ami-agent\": {\n  \"action\": \"reboot\"}}").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("action"));
+        assert!(e.reason.contains("line 2"), "{e}");
+        let e = sniff(b"{\"nixos-ami-agent\": {\"flake\": \"o/f/1#x\",}}").unwrap_err();
+        assert!(e.reason.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn json_for_someone_else_is_not_for_us() {
+        for other in [&b"{\"ignition\": {}}"[..], b"{not json at all", b"[1,2]"] {
+            assert_eq!(sniff(other).unwrap().kind, Kind::NotForUs);
+        }
+    }
+
+    #[test]
+    fn script_is_kept_with_digest() {
+        let body = b"#!/bin/sh\ndeterminate-nixd login aws\nfh apply nixos o/f/0.1#x\n";
+        let u = sniff(body).unwrap();
+        assert_eq!(u.kind, Kind::Script);
+        assert_eq!(u.scripts.len(), 1);
+        assert_eq!(u.scripts[0].body, body);
+        assert_eq!(u.scripts[0].digest.size, body.len());
+        assert_eq!(u.scripts[0].digest.sha256.len(), 64);
+        assert!(u.settings.is_none());
+    }
+
+    #[test]
+    fn anything_else_is_left_alone() {
+        for other in [
+            &b"{ config, pkgs, ... }: { services.nginx.enable = true; }"[..],
+            b"#cloud-config\npackages: [git]\n",
+            b"#nixos-ami-agentX\nflake = 1",
+            b"\xff\xfe\x00garbage",
+        ] {
+            let u = sniff(other).unwrap();
+            assert_eq!(u.kind, Kind::NotForUs, "{other:?}");
+        }
+        assert_eq!(sniff(b"").unwrap().kind, Kind::Absent);
+    }
+
+    #[test]
+    fn toml_not_utf8() {
+        let e = sniff(b"#nixos-ami-agent\nflake = \"\xff\"").unwrap_err();
+        assert!(e.reason.contains("UTF-8"), "{e}");
+    }
+
+    #[test]
+    fn mime_with_settings_scripts_and_others() {
+        let ud = "Content-Type: multipart/mixed; boundary=\"B\"\nMIME-Version: 1.0\n\n\
+                  --B\nContent-Type: text/cloud-config\n\n#cloud-config\n\
+                  --B\nContent-Type: text/x-nixos-ami-agent\n\nflake = \"o/f/0.1#x\"\n\
+                  --B\nContent-Type: text/x-shellscript\n\n#!/bin/sh\necho one\n\
+                  --B\nContent-Type: text/x-shellscript\n\n#!/bin/sh\necho two\n\
+                  --B--\n";
+        let u = sniff(ud.as_bytes()).unwrap();
+        assert_eq!(u.kind, Kind::Mime);
+        assert_eq!(flake_of(&u), "o/f/0.1#x");
+        assert_eq!(
+            u.scripts
+                .iter()
+                .map(|s| s.label.as_str())
+                .collect::<Vec<_>>(),
+            ["part 3", "part 4"]
+        );
+        assert_eq!(u.ignored, ["part 1 (text/cloud-config)"]);
+    }
+
+    #[test]
+    fn mime_errors() {
+        let two = "Content-Type: multipart/mixed; boundary=\"B\"\n\n\
+                   --B\nContent-Type: text/x-nixos-ami-agent\n\nlogin = true\n\
+                   --B\nContent-Type: text/x-nixos-ami-agent\n\nlogin = false\n--B--\n";
+        assert!(sniff(two.as_bytes()).unwrap_err().reason.contains("second"));
+        let bad = "Content-Type: multipart/mixed; boundary=\"B\"\n\n\
+                   --B\nContent-Type: text/x-nixos-ami-agent\n\naction = 5\n--B--\n";
+        let e = sniff(bad.as_bytes()).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("action"));
+        assert!(e.reason.starts_with("MIME part 1: "), "{e}");
+        let noshebang = "Content-Type: multipart/mixed; boundary=\"B\"\n\n\
+                         --B\nContent-Type: text/x-shellscript\n\necho hi\n--B--\n";
+        assert!(
+            sniff(noshebang.as_bytes())
+                .unwrap_err()
+                .reason
+                .contains("#!")
+        );
+        let only_others = "Content-Type: multipart/mixed; boundary=\"B\"\n\n\
+                           --B\nContent-Type: text/cloud-config\n\n#cloud-config\n--B--\n";
+        assert_eq!(sniff(only_others.as_bytes()).unwrap().kind, Kind::NotForUs);
+    }
+}
