@@ -6,5 +6,11 @@
 //! and layers, [`plan`] decides, [`steps`] run the programs, [`state`]
 //! remembers. [`run`] strings them together; [`cli`] is the front door.
 
+pub mod config;
+pub mod imds;
+pub mod process;
+pub mod redact;
+pub mod retry;
 pub mod settings;
+pub mod ssm;
 pub mod userdata;

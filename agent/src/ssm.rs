@@ -1,0 +1,254 @@
+//! The fleet's SSM parameter: one `GetParameter` (with decryption) through
+//! aws-sdk-ssm, credentials from the SDK's default chain (on EC2, the
+//! instance role through IMDS). The SDK's own retries are off so that the
+//! agent's one retry loop owns the step's budget.
+
+use crate::retry::{self, Attempt, Backoff, RetryError};
+use crate::settings::ParameterName;
+use aws_config::BehaviorVersion;
+use aws_config::default_provider::credentials::DefaultCredentialsChain;
+use aws_config::provider_config::ProviderConfig;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_ssm::config::Region;
+use aws_sdk_ssm::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ssm::operation::get_parameter::GetParameterError;
+use aws_sdk_ssm::types::ParameterType;
+use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+use std::time::Duration;
+
+const NEEDS: &str = "the instance role needs ssm:GetParameter on this parameter, \
+                     and kms:Decrypt on its KMS key if it is a SecureString";
+
+/// A parameter's value. Not `Display`/`Debug`: a SecureString must never
+/// reach a log line by accident.
+pub struct Value(String);
+
+impl Value {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+pub struct Parameter {
+    pub value: Value,
+    pub version: i64,
+    /// SecureString: its value is secret everywhere.
+    pub secure: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SsmError {
+    #[error(
+        "SSM parameter {name} was not found in {region} ({code}): create it, or fix `ssm-parameter`"
+    )]
+    NotFound {
+        name: String,
+        region: String,
+        code: String,
+    },
+    #[error("access to SSM parameter {name} in {region} was denied ({code}): {NEEDS}")]
+    Denied {
+        name: String,
+        region: String,
+        code: String,
+    },
+    #[error("SSM parameter {name} in {region}: {message}")]
+    Rejected {
+        name: String,
+        region: String,
+        message: String,
+    },
+    #[error("SSM parameter {name} in {region}: gave up after {attempts} attempts in {:.1}s: {last}", elapsed.as_secs_f64())]
+    Exhausted {
+        name: String,
+        region: String,
+        last: String,
+        attempts: u32,
+        elapsed: Duration,
+    },
+}
+
+enum Fault {
+    NotFound(String),
+    Denied(String),
+    Rejected(String),
+    Transient(String),
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::NotFound(s) | Fault::Denied(s) | Fault::Rejected(s) | Fault::Transient(s) => {
+                f.write_str(s)
+            }
+        }
+    }
+}
+
+pub struct Ssm {
+    client: aws_sdk_ssm::Client,
+    region: String,
+    backoff: Backoff,
+}
+
+impl Ssm {
+    /// `imds_endpoint` is the agent's effective IMDS endpoint, given to the
+    /// SDK's instance-role provider so both clients talk to the same place.
+    /// The SSM endpoint follows the SDK's `AWS_ENDPOINT_URL_SSM` /
+    /// `AWS_ENDPOINT_URL`.
+    pub async fn new(region: &str, imds_endpoint: &str, backoff: Backoff) -> Self {
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(Provider::Rustls(CryptoMode::Ring))
+            .build_https();
+        let region = Region::new(region.to_owned());
+        let attempt = Duration::from_secs(10).min(backoff.budget);
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(3).min(attempt))
+            .operation_attempt_timeout(attempt)
+            .operation_timeout(attempt)
+            .build();
+        let provider = ProviderConfig::without_region()
+            .with_http_client(http.clone())
+            .with_region(Some(region.clone()));
+        let imds = aws_config::imds::Client::builder()
+            .configure(&provider)
+            .endpoint(imds_endpoint)
+            .expect("the IMDS endpoint was validated with the config")
+            .build();
+        let credentials = DefaultCredentialsChain::builder()
+            .configure(provider)
+            .region(region.clone())
+            .imds_client(imds)
+            .build()
+            .await;
+        let sdk = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http)
+            .region(region.clone())
+            .credentials_provider(credentials)
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(timeouts)
+            .load()
+            .await;
+        Self {
+            client: aws_sdk_ssm::Client::new(&sdk),
+            region: region.to_string(),
+            backoff,
+        }
+    }
+
+    pub async fn get(&self, name: &ParameterName) -> Result<Parameter, SsmError> {
+        let what = format!("SSM parameter {}", name.as_str());
+        let r = retry::retry(&self.backoff, &what, |_| self.attempt(name)).await;
+        let (n, region) = (name.as_str().to_owned(), self.region.clone());
+        r.map_err(|e| match e {
+            RetryError::Permanent(Fault::NotFound(code)) => SsmError::NotFound {
+                name: n,
+                region,
+                code,
+            },
+            RetryError::Permanent(Fault::Denied(code)) => SsmError::Denied {
+                name: n,
+                region,
+                code,
+            },
+            RetryError::Permanent(f) => SsmError::Rejected {
+                name: n,
+                region,
+                message: f.to_string(),
+            },
+            RetryError::Exhausted {
+                last,
+                attempts,
+                elapsed,
+            } => SsmError::Exhausted {
+                name: n,
+                region,
+                last: last.to_string(),
+                attempts,
+                elapsed,
+            },
+        })
+    }
+
+    async fn attempt(&self, name: &ParameterName) -> Result<Parameter, Attempt<Fault>> {
+        let out = self
+            .client
+            .get_parameter()
+            .name(name.as_str())
+            .with_decryption(true)
+            .send()
+            .await
+            .map_err(classify)?;
+        let p = out
+            .parameter
+            .ok_or_else(|| Attempt::Fail(Fault::Rejected("the reply holds no parameter".into())))?;
+        let secure = p.r#type == Some(ParameterType::SecureString);
+        let value = p
+            .value
+            .ok_or_else(|| Attempt::Fail(Fault::Rejected("the parameter has no value".into())))?;
+        Ok(Parameter {
+            value: Value(value),
+            version: p.version,
+            secure,
+        })
+    }
+}
+
+fn classify(e: SdkError<GetParameterError>) -> Attempt<Fault> {
+    let detail = DisplayErrorContext(&e).to_string();
+    match &e {
+        SdkError::ServiceError(se) => {
+            let status = se.raw().status().as_u16();
+            let code = se.err().code().unwrap_or("unknown error").to_owned();
+            match se.err() {
+                GetParameterError::ParameterNotFound(_)
+                | GetParameterError::ParameterVersionNotFound(_) => {
+                    Attempt::Fail(Fault::NotFound(code))
+                }
+                GetParameterError::InvalidKeyId(_) => Attempt::Fail(Fault::Denied(code)),
+                GetParameterError::InternalServerError(_) => Attempt::retry(Fault::Transient(code)),
+                _ if is_throttling(&code) || status >= 500 => {
+                    Attempt::retry(Fault::Transient(format!("{code} (HTTP {status})")))
+                }
+                _ if is_denied(&code) || status == 403 => Attempt::Fail(Fault::Denied(code)),
+                _ => Attempt::Fail(Fault::Rejected(format!(
+                    "{code} (HTTP {status}): {}",
+                    se.err().message().unwrap_or("no message")
+                ))),
+            }
+        }
+        // Network, timeouts, and credentials not yet available from IMDS
+        // early in boot: all may heal.
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            Attempt::retry(Fault::Transient(detail))
+        }
+        _ if detail.contains("credentials") => Attempt::retry(Fault::Transient(detail)),
+        _ => Attempt::Fail(Fault::Rejected(detail)),
+    }
+}
+
+fn is_throttling(code: &str) -> bool {
+    matches!(
+        code,
+        "ThrottlingException"
+            | "Throttling"
+            | "TooManyRequestsException"
+            | "RequestLimitExceeded"
+            | "RequestThrottled"
+    )
+}
+
+fn is_denied(code: &str) -> bool {
+    matches!(
+        code,
+        "AccessDeniedException"
+            | "AccessDenied"
+            | "UnrecognizedClientException"
+            | "InvalidClientTokenId"
+            | "ExpiredTokenException"
+            | "KMSAccessDeniedException"
+            | "IncompleteSignature"
+            | "InvalidSignatureException"
+    )
+}
