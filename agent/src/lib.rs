@@ -8,9 +8,11 @@
 
 pub mod config;
 pub mod imds;
+pub mod plan;
 pub mod process;
 pub mod redact;
 pub mod retry;
 pub mod settings;
 pub mod ssm;
+pub mod state;
 pub mod userdata;

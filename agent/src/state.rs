@@ -1,0 +1,355 @@
+//! What the agent remembers between runs, in `state-dir/state.json`:
+//! written atomically (temp file, fsync, rename, fsync dir), root-only,
+//! keyed by instance id so an image made from a running instance starts
+//! fresh. The lock (`state-dir/lock`, flock) makes runs take turns and is
+//! released by the kernel when a run dies.
+
+use crate::plan::RebootAssessment;
+use crate::settings::{Action, RebootPolicy};
+use serde::{Deserialize, Serialize};
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+pub const FORMAT: u32 = 1;
+const FILE: &str = "state.json";
+const LOCK: &str = "lock";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Written before the work starts: seen by a later run, it means the
+    /// run died (crash, power loss, SIGKILL).
+    Running,
+    Applied,
+    Unchanged,
+    NoTarget,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct TargetRecord {
+    /// The output ref, or `<SecureString NAME>`.
+    pub flake: String,
+    pub source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssm_parameter: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssm_version: Option<i64>,
+    #[serde(default)]
+    pub secret: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RebootRecord {
+    pub policy: RebootPolicy,
+    pub needed: bool,
+    pub reason: String,
+    /// Set before a reboot is asked for (by the systemd integration), so
+    /// the run after it does not ask again.
+    #[serde(default)]
+    pub requested: bool,
+}
+
+impl RebootRecord {
+    pub fn new(policy: RebootPolicy, a: RebootAssessment) -> Self {
+        Self { policy, needed: a.needed, reason: a.reason, requested: false }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RunRecord {
+    pub started: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<String>,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<TargetRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<Action>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot: Option<RebootRecord>,
+}
+
+impl RunRecord {
+    pub fn start() -> Self {
+        Self {
+            started: now(),
+            finished: None,
+            outcome: Outcome::Running,
+            message: None,
+            target: None,
+            action: None,
+            store_path: None,
+            reboot: None,
+        }
+    }
+
+    pub fn finish(&mut self, outcome: Outcome, message: impl Into<String>) {
+        self.finished = Some(now());
+        self.outcome = outcome;
+        self.message = Some(message.into());
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ScriptRecord {
+    pub label: String,
+    pub size: usize,
+    pub sha256: String,
+    pub started: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<String>,
+    /// `exit status 0`, `killed by signal 9`, `timed out`, or absent when
+    /// the run died while the script ran (it is not run again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    #[serde(default)]
+    pub success: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct State {
+    pub format: u32,
+    pub instance_id: String,
+    #[serde(default)]
+    pub scripts: Vec<ScriptRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<RunRecord>,
+    /// The last run that changed the system.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_applied: Option<RunRecord>,
+}
+
+impl State {
+    pub fn fresh(instance_id: &str) -> Self {
+        Self { format: FORMAT, instance_id: instance_id.to_owned(), scripts: vec![], last_run: None, last_applied: None }
+    }
+}
+
+pub fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state directory {}: {reason}", path.display())]
+    Io { path: PathBuf, reason: String },
+    #[error("another run is in progress (the lock {} is held); gave up after {}s", path.display(), waited.as_secs())]
+    Locked { path: PathBuf, waited: Duration },
+}
+
+fn io(path: &Path, what: &str, e: std::io::Error) -> StateError {
+    StateError::Io { path: path.to_owned(), reason: format!("{what}: {e}") }
+}
+
+/// How the previous state related to this run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Previous {
+    None,
+    SameInstance,
+    /// The state was another instance's (an image made from a running
+    /// instance): this instance starts fresh.
+    OtherInstance(String),
+    /// Unreadable, truncated or of another format: moved aside.
+    MovedAside { to: PathBuf, reason: String },
+}
+
+pub struct Store {
+    dir: PathBuf,
+}
+
+/// Held for the whole run; the kernel drops the flock if the run dies.
+pub struct Lock {
+    _file: File,
+}
+
+impl Store {
+    /// Opens (creating 0700 if needed) the state directory.
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| io(dir, "cannot be created", e))?;
+        Ok(Self { dir: dir.to_owned() })
+    }
+
+    /// For readers (`status`, `plan`): never creates anything.
+    pub fn at(dir: &Path) -> Self {
+        Self { dir: dir.to_owned() }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(FILE)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub async fn lock(&self, wait: Duration) -> Result<Lock, StateError> {
+        let path = self.dir.join(LOCK);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io(&path, "lock file cannot be opened", e))?;
+        let start = tokio::time::Instant::now();
+        let mut told = false;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(Lock { _file: file }),
+                Err(fs::TryLockError::WouldBlock) => {}
+                Err(fs::TryLockError::Error(e)) => return Err(io(&path, "cannot be locked", e)),
+            }
+            if start.elapsed() >= wait {
+                return Err(StateError::Locked { path, waited: wait });
+            }
+            if !told {
+                tracing::info!("another run is in progress; waiting up to {}s for it", wait.as_secs());
+                told = true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Reads the state file as it is, for `status`.
+    pub fn read(&self) -> Result<Option<State>, StateError> {
+        let path = self.path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(&path, "cannot be read", e)),
+        };
+        parse(&bytes).map(Some).map_err(|reason| StateError::Io { path, reason })
+    }
+
+    /// This instance's state; anything unusable is set aside, never fatal.
+    pub fn load(&self, instance_id: &str) -> Result<(State, Previous), StateError> {
+        let path = self.path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((State::fresh(instance_id), Previous::None)),
+            Err(e) => return self.set_aside(instance_id, format!("cannot be read: {e}")),
+        };
+        match parse(&bytes) {
+            Ok(s) if s.instance_id == instance_id => Ok((s, Previous::SameInstance)),
+            Ok(s) => Ok((State::fresh(instance_id), Previous::OtherInstance(s.instance_id))),
+            Err(reason) => self.set_aside(instance_id, reason),
+        }
+    }
+
+    fn set_aside(&self, instance_id: &str, reason: String) -> Result<(State, Previous), StateError> {
+        let from = self.path();
+        let stamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let to = self.dir.join(format!("{FILE}.unusable-{stamp}"));
+        fs::rename(&from, &to).map_err(|e| io(&from, "cannot be moved aside", e))?;
+        Ok((State::fresh(instance_id), Previous::MovedAside { to, reason }))
+    }
+
+    pub fn save(&self, state: &State) -> Result<(), StateError> {
+        let path = self.path();
+        let tmp = self.dir.join(format!(".{FILE}.tmp"));
+        let mut bytes = serde_json::to_vec_pretty(state).expect("state serialises");
+        bytes.push(b'\n');
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            File::open(&self.dir)?.sync_all()
+        };
+        write().map_err(|e| io(&path, "cannot be written", e))
+    }
+}
+
+fn parse(bytes: &[u8]) -> Result<State, String> {
+    #[derive(Deserialize)]
+    struct Probe {
+        format: u32,
+    }
+    let probe: Probe = serde_json::from_slice(bytes).map_err(|e| format!("is not a state file: {e}"))?;
+    if probe.format != FORMAT {
+        return Err(format!("has format {} (this agent writes {FORMAT})", probe.format));
+    }
+    serde_json::from_slice(bytes).map_err(|e| format!("is damaged: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn round_trip_with_modes() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("state");
+        let store = Store::open(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        let mut s = State::fresh("i-1");
+        let mut run = RunRecord::start();
+        run.finish(Outcome::Applied, "applied");
+        s.last_run = Some(run);
+        store.save(&s).unwrap();
+        assert_eq!(mode(&store.path()), 0o600);
+        assert_eq!(store.load("i-1").unwrap(), (s.clone(), Previous::SameInstance));
+        assert_eq!(store.read().unwrap(), Some(s));
+        let names: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("state.json")], "no temp files left");
+    }
+
+    #[test]
+    fn other_instance_starts_fresh() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path()).unwrap();
+        store.save(&State::fresh("i-old")).unwrap();
+        let (s, prev) = store.load("i-new").unwrap();
+        assert_eq!(s, State::fresh("i-new"));
+        assert_eq!(prev, Previous::OtherInstance("i-old".into()));
+    }
+
+    #[test]
+    fn unusable_state_is_moved_aside() {
+        for bad in [&b"{\"format\": 1, \"instance-id\": "[..], b"", b"\xff", b"{\"format\": 99, \"instance-id\": \"i-1\"}"] {
+            let d = tempfile::tempdir().unwrap();
+            let store = Store::open(d.path()).unwrap();
+            fs::write(store.path(), bad).unwrap();
+            let (s, prev) = store.load("i-1").unwrap();
+            assert_eq!(s, State::fresh("i-1"));
+            let Previous::MovedAside { to, .. } = prev else { panic!("{prev:?}") };
+            assert_eq!(fs::read(to).unwrap(), bad);
+            assert!(!store.path().exists());
+        }
+    }
+
+    #[tokio::test]
+    async fn lock_is_exclusive_and_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path()).unwrap();
+        let held = store.lock(Duration::from_secs(1)).await.unwrap();
+        let start = std::time::Instant::now();
+        let e = store.lock(Duration::from_millis(300)).await.err().unwrap();
+        assert!(matches!(e, StateError::Locked { .. }), "{e}");
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        drop(held);
+        store.lock(Duration::from_millis(300)).await.unwrap();
+    }
+}
