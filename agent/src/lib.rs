@@ -6,13 +6,19 @@
 //! and layers, [`plan`] decides, [`steps`] run the programs, [`state`]
 //! remembers. [`run`] strings them together; [`cli`] is the front door.
 
+pub mod cli;
 pub mod config;
+pub mod exit;
 pub mod imds;
+pub mod log;
 pub mod plan;
 pub mod process;
 pub mod redact;
 pub mod retry;
+pub mod run;
 pub mod settings;
 pub mod ssm;
 pub mod state;
+pub mod steps;
+pub mod system;
 pub mod userdata;

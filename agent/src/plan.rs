@@ -22,7 +22,8 @@ pub enum Decision {
 }
 
 fn shows(p: &Option<PathBuf>) -> String {
-    p.as_ref().map_or_else(|| "absent".into(), |p| p.display().to_string())
+    p.as_ref()
+        .map_or_else(|| "absent".into(), |p| p.display().to_string())
 }
 
 /// `switch` is done when both the running system and the boot default are
@@ -43,7 +44,9 @@ pub fn decide(action: Action, target: &Path, sys: &SystemView) -> Decision {
         Action::Test => "the running system is",
         Action::Boot => "the boot default is",
     };
-    Decision::UpToDate { reason: format!("{what} already {}", target.display()) }
+    Decision::UpToDate {
+        reason: format!("{what} already {}", target.display()),
+    }
 }
 
 /// `fh apply nixos` ignores the exit status of switch-to-configuration, so
@@ -113,8 +116,14 @@ pub struct RebootInputs<'a> {
 /// A reboot already requested for this very target is not asked for again:
 /// if the machine came back on another system, rebooting more would loop.
 pub fn reboot(i: &RebootInputs<'_>) -> RebootAssessment {
-    let no = |reason: String| RebootAssessment { needed: false, reason };
-    let yes = |reason: String| RebootAssessment { needed: true, reason };
+    let no = |reason: String| RebootAssessment {
+        needed: false,
+        reason,
+    };
+    let yes = |reason: String| RebootAssessment {
+        needed: true,
+        reason,
+    };
     if i.action == Action::Test {
         return no("action is test: a reboot would return to the boot default".into());
     }
@@ -131,7 +140,10 @@ pub fn reboot(i: &RebootInputs<'_>) -> RebootAssessment {
     let pending = if differs.is_empty() {
         "the booted system already matches".to_owned()
     } else {
-        format!("{} of the booted system differ from the new system", differs.join(", "))
+        format!(
+            "{} of the booted system differ from the new system",
+            differs.join(", ")
+        )
     };
     match i.policy {
         RebootPolicy::Never => no(format!("reboot = never ({pending})")),
@@ -155,7 +167,10 @@ pub struct Shown {
 
 impl Shown {
     fn of<T>(s: &Sourced<T>, f: impl Fn(&T) -> String) -> Self {
-        Self { value: f(&s.value), source: s.source.to_string() }
+        Self {
+            value: f(&s.value),
+            source: s.source.to_string(),
+        }
     }
 }
 
@@ -208,7 +223,11 @@ pub fn build(i: PlanInputs<'_>) -> Plan {
         }
         steps.push(format!("fh resolve --json {target}"));
         let against = match s.action.value {
-            Action::Switch => format!("{} or {}", i.current_system.display(), i.system_profile.display()),
+            Action::Switch => format!(
+                "{} or {}",
+                i.current_system.display(),
+                i.system_profile.display()
+            ),
             Action::Test => i.current_system.display().to_string(),
             Action::Boot => i.system_profile.display().to_string(),
         };
@@ -222,9 +241,14 @@ pub fn build(i: PlanInputs<'_>) -> Plan {
         .iter()
         .map(|sc| {
             let (will_run, note) = match i.scripts_ran {
-                Some(ran) if ran.contains(&sc.label) => (false, "already ran on this instance".to_owned()),
+                Some(ran) if ran.contains(&sc.label) => {
+                    (false, "already ran on this instance".to_owned())
+                }
                 Some(_) => (true, "runs once on this instance".to_owned()),
-                None => (true, "runs once per instance (instance unknown offline)".to_owned()),
+                None => (
+                    true,
+                    "runs once per instance (instance unknown offline)".to_owned(),
+                ),
             };
             PlannedScript {
                 label: sc.label.clone(),
@@ -242,7 +266,10 @@ pub fn build(i: PlanInputs<'_>) -> Plan {
         instance_id: i.instance_id.map(str::to_owned),
         user_data: i.user_data,
         ignored_parts: i.ignored_parts.to_vec(),
-        target: i.target.map(|(value, source)| Shown { value, source: source.to_string() }),
+        target: i.target.map(|(value, source)| Shown {
+            value,
+            source: source.to_string(),
+        }),
         action: Shown::of(&s.action, |a| a.as_str().to_owned()),
         reboot: Shown::of(&s.reboot, |r| r.as_str().to_owned()),
         login: Shown::of(&s.login, |l| l.to_string()),
@@ -265,14 +292,63 @@ mod tests {
     fn decide_table() {
         let t = Path::new(T);
         let cases = [
-            (Action::Switch, SystemView { current: p(T), profile: p(T) }, false),
-            (Action::Switch, SystemView { current: p(T), profile: p("/old") }, true),
-            (Action::Switch, SystemView { current: p("/old"), profile: p(T) }, true),
+            (
+                Action::Switch,
+                SystemView {
+                    current: p(T),
+                    profile: p(T),
+                },
+                false,
+            ),
+            (
+                Action::Switch,
+                SystemView {
+                    current: p(T),
+                    profile: p("/old"),
+                },
+                true,
+            ),
+            (
+                Action::Switch,
+                SystemView {
+                    current: p("/old"),
+                    profile: p(T),
+                },
+                true,
+            ),
             (Action::Switch, SystemView::default(), true),
-            (Action::Test, SystemView { current: p(T), profile: p("/old") }, false),
-            (Action::Test, SystemView { current: p("/old"), profile: p(T) }, true),
-            (Action::Boot, SystemView { current: p("/old"), profile: p(T) }, false),
-            (Action::Boot, SystemView { current: p(T), profile: p("/old") }, true),
+            (
+                Action::Test,
+                SystemView {
+                    current: p(T),
+                    profile: p("/old"),
+                },
+                false,
+            ),
+            (
+                Action::Test,
+                SystemView {
+                    current: p("/old"),
+                    profile: p(T),
+                },
+                true,
+            ),
+            (
+                Action::Boot,
+                SystemView {
+                    current: p("/old"),
+                    profile: p(T),
+                },
+                false,
+            ),
+            (
+                Action::Boot,
+                SystemView {
+                    current: p(T),
+                    profile: p("/old"),
+                },
+                true,
+            ),
         ];
         for (action, sys, apply) in cases {
             let d = decide(action, t, &sys);
@@ -286,17 +362,73 @@ mod tests {
     #[test]
     fn verify_table() {
         let t = Path::new(T);
-        assert!(verify(Action::Switch, t, &SystemView { current: p(T), profile: p("/x") }).is_ok());
-        let e = verify(Action::Switch, t, &SystemView { current: p("/old"), profile: p(T) }).unwrap_err();
-        assert!(e.starts_with("fh reported success but the system did not switch"), "{e}");
+        assert!(
+            verify(
+                Action::Switch,
+                t,
+                &SystemView {
+                    current: p(T),
+                    profile: p("/x")
+                }
+            )
+            .is_ok()
+        );
+        let e = verify(
+            Action::Switch,
+            t,
+            &SystemView {
+                current: p("/old"),
+                profile: p(T),
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("fh reported success but the system did not switch"),
+            "{e}"
+        );
         assert!(e.contains("/old") && e.contains(T), "{e}");
-        assert!(verify(Action::Test, t, &SystemView { current: None, profile: None }).unwrap_err().contains("absent"));
-        assert!(verify(Action::Boot, t, &SystemView { current: p("/old"), profile: p(T) }).is_ok());
-        assert!(verify(Action::Boot, t, &SystemView { current: p(T), profile: p("/old") }).is_err());
+        assert!(
+            verify(
+                Action::Test,
+                t,
+                &SystemView {
+                    current: None,
+                    profile: None
+                }
+            )
+            .unwrap_err()
+            .contains("absent")
+        );
+        assert!(
+            verify(
+                Action::Boot,
+                t,
+                &SystemView {
+                    current: p("/old"),
+                    profile: p(T)
+                }
+            )
+            .is_ok()
+        );
+        assert!(
+            verify(
+                Action::Boot,
+                t,
+                &SystemView {
+                    current: p(T),
+                    profile: p("/old")
+                }
+            )
+            .is_err()
+        );
     }
 
     fn files(k: &str, i: &str, m: &str) -> BootFiles {
-        BootFiles { kernel: p(k), initrd: p(i), kernel_modules: p(m) }
+        BootFiles {
+            kernel: p(k),
+            initrd: p(i),
+            kernel_modules: p(m),
+        }
     }
 
     #[test]
@@ -304,7 +436,12 @@ mod tests {
         let same = files("/k1", "/i1", "/m1");
         let new_kernel = files("/k2", "/i2", "/m1");
         let t = Path::new(T);
-        let run = |policy, action, applied, new: &BootFiles, booted_system: Option<&Path>, requested: Option<&Path>| {
+        let run = |policy,
+                   action,
+                   applied,
+                   new: &BootFiles,
+                   booted_system: Option<&Path>,
+                   requested: Option<&Path>| {
             reboot(&RebootInputs {
                 policy,
                 action,
@@ -320,22 +457,110 @@ mod tests {
         use RebootPolicy::*;
         let old = Some(Path::new("/nix/store/old"));
         let cases = [
-            (IfNeeded, Switch, true, &same, old, None, false, "already matches"),
-            (IfNeeded, Switch, true, &new_kernel, old, None, true, "kernel, initrd of the booted"),
-            (IfNeeded, Switch, false, &new_kernel, old, None, true, "kernel"),
-            (IfNeeded, Switch, true, &new_kernel, old, Some(t), false, "already requested"),
-            (Never, Switch, true, &new_kernel, old, None, false, "reboot = never (kernel"),
+            (
+                IfNeeded,
+                Switch,
+                true,
+                &same,
+                old,
+                None,
+                false,
+                "already matches",
+            ),
+            (
+                IfNeeded,
+                Switch,
+                true,
+                &new_kernel,
+                old,
+                None,
+                true,
+                "kernel, initrd of the booted",
+            ),
+            (
+                IfNeeded,
+                Switch,
+                false,
+                &new_kernel,
+                old,
+                None,
+                true,
+                "kernel",
+            ),
+            (
+                IfNeeded,
+                Switch,
+                true,
+                &new_kernel,
+                old,
+                Some(t),
+                false,
+                "already requested",
+            ),
+            (
+                Never,
+                Switch,
+                true,
+                &new_kernel,
+                old,
+                None,
+                false,
+                "reboot = never (kernel",
+            ),
             (Always, Switch, true, &same, old, None, true, "always"),
-            (Always, Switch, false, &same, old, None, false, "nothing changed"),
-            (Always, Test, true, &new_kernel, old, None, false, "action is test"),
-            (IfNeeded, Test, true, &new_kernel, old, None, false, "action is test"),
+            (
+                Always,
+                Switch,
+                false,
+                &same,
+                old,
+                None,
+                false,
+                "nothing changed",
+            ),
+            (
+                Always,
+                Test,
+                true,
+                &new_kernel,
+                old,
+                None,
+                false,
+                "action is test",
+            ),
+            (
+                IfNeeded,
+                Test,
+                true,
+                &new_kernel,
+                old,
+                None,
+                false,
+                "action is test",
+            ),
             (IfNeeded, Boot, true, &same, old, None, true, "next boot"),
-            (IfNeeded, Boot, false, &same, Some(t), None, false, "already matches"),
+            (
+                IfNeeded,
+                Boot,
+                false,
+                &same,
+                Some(t),
+                None,
+                false,
+                "already matches",
+            ),
         ];
         for (policy, action, applied, new, booted_sys, requested, needed, why) in cases {
             let r = run(policy, action, applied, new, booted_sys, requested);
-            assert_eq!(r.needed, needed, "{policy:?} {action:?} applied={applied}: {r:?}");
-            assert!(r.reason.contains(why), "{policy:?} {action:?}: {}", r.reason);
+            assert_eq!(
+                r.needed, needed,
+                "{policy:?} {action:?} applied={applied}: {r:?}"
+            );
+            assert!(
+                r.reason.contains(why),
+                "{policy:?} {action:?}: {}",
+                r.reason
+            );
         }
     }
 }

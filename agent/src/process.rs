@@ -195,11 +195,7 @@ async fn pump<R: AsyncRead + Unpin>(r: R, mut on_line: impl FnMut(&[u8], &mut Ve
     let mut line = Vec::new();
     let mut buf = Vec::new();
     let mut truncated = false;
-    loop {
-        let chunk = match reader.fill_buf().await {
-            Ok(c) => c,
-            Err(_) => break,
-        };
+    while let Ok(chunk) = reader.fill_buf().await {
         if chunk.is_empty() {
             break;
         }

@@ -57,7 +57,12 @@ pub struct RebootRecord {
 
 impl RebootRecord {
     pub fn new(policy: RebootPolicy, a: RebootAssessment) -> Self {
-        Self { policy, needed: a.needed, reason: a.reason, requested: false }
+        Self {
+            policy,
+            needed: a.needed,
+            reason: a.reason,
+            requested: false,
+        }
     }
 }
 
@@ -134,7 +139,13 @@ pub struct State {
 
 impl State {
     pub fn fresh(instance_id: &str) -> Self {
-        Self { format: FORMAT, instance_id: instance_id.to_owned(), scripts: vec![], last_run: None, last_applied: None }
+        Self {
+            format: FORMAT,
+            instance_id: instance_id.to_owned(),
+            scripts: vec![],
+            last_run: None,
+            last_applied: None,
+        }
     }
 }
 
@@ -151,7 +162,10 @@ pub enum StateError {
 }
 
 fn io(path: &Path, what: &str, e: std::io::Error) -> StateError {
-    StateError::Io { path: path.to_owned(), reason: format!("{what}: {e}") }
+    StateError::Io {
+        path: path.to_owned(),
+        reason: format!("{what}: {e}"),
+    }
 }
 
 /// How the previous state related to this run.
@@ -163,7 +177,10 @@ pub enum Previous {
     /// instance): this instance starts fresh.
     OtherInstance(String),
     /// Unreadable, truncated or of another format: moved aside.
-    MovedAside { to: PathBuf, reason: String },
+    MovedAside {
+        to: PathBuf,
+        reason: String,
+    },
 }
 
 pub struct Store {
@@ -183,12 +200,16 @@ impl Store {
             .mode(0o700)
             .create(dir)
             .map_err(|e| io(dir, "cannot be created", e))?;
-        Ok(Self { dir: dir.to_owned() })
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
     }
 
     /// For readers (`status`, `plan`): never creates anything.
     pub fn at(dir: &Path) -> Self {
-        Self { dir: dir.to_owned() }
+        Self {
+            dir: dir.to_owned(),
+        }
     }
 
     pub fn path(&self) -> PathBuf {
@@ -220,7 +241,10 @@ impl Store {
                 return Err(StateError::Locked { path, waited: wait });
             }
             if !told {
-                tracing::info!("another run is in progress; waiting up to {}s for it", wait.as_secs());
+                tracing::info!(
+                    "another run is in progress; waiting up to {}s for it",
+                    wait.as_secs()
+                );
                 told = true;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -235,7 +259,9 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io(&path, "cannot be read", e)),
         };
-        parse(&bytes).map(Some).map_err(|reason| StateError::Io { path, reason })
+        parse(&bytes)
+            .map(Some)
+            .map_err(|reason| StateError::Io { path, reason })
     }
 
     /// This instance's state; anything unusable is set aside, never fatal.
@@ -243,22 +269,36 @@ impl Store {
         let path = self.path();
         let bytes = match fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((State::fresh(instance_id), Previous::None)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((State::fresh(instance_id), Previous::None));
+            }
             Err(e) => return self.set_aside(instance_id, format!("cannot be read: {e}")),
         };
         match parse(&bytes) {
             Ok(s) if s.instance_id == instance_id => Ok((s, Previous::SameInstance)),
-            Ok(s) => Ok((State::fresh(instance_id), Previous::OtherInstance(s.instance_id))),
+            Ok(s) => Ok((
+                State::fresh(instance_id),
+                Previous::OtherInstance(s.instance_id),
+            )),
             Err(reason) => self.set_aside(instance_id, reason),
         }
     }
 
-    fn set_aside(&self, instance_id: &str, reason: String) -> Result<(State, Previous), StateError> {
+    fn set_aside(
+        &self,
+        instance_id: &str,
+        reason: String,
+    ) -> Result<(State, Previous), StateError> {
         let from = self.path();
-        let stamp = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let stamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let to = self.dir.join(format!("{FILE}.unusable-{stamp}"));
         fs::rename(&from, &to).map_err(|e| io(&from, "cannot be moved aside", e))?;
-        Ok((State::fresh(instance_id), Previous::MovedAside { to, reason }))
+        Ok((
+            State::fresh(instance_id),
+            Previous::MovedAside { to, reason },
+        ))
     }
 
     pub fn save(&self, state: &State) -> Result<(), StateError> {
@@ -267,7 +307,12 @@ impl Store {
         let mut bytes = serde_json::to_vec_pretty(state).expect("state serialises");
         bytes.push(b'\n');
         let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
+            let mut f = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
             fs::rename(&tmp, &path)?;
@@ -282,9 +327,13 @@ fn parse(bytes: &[u8]) -> Result<State, String> {
     struct Probe {
         format: u32,
     }
-    let probe: Probe = serde_json::from_slice(bytes).map_err(|e| format!("is not a state file: {e}"))?;
+    let probe: Probe =
+        serde_json::from_slice(bytes).map_err(|e| format!("is not a state file: {e}"))?;
     if probe.format != FORMAT {
-        return Err(format!("has format {} (this agent writes {FORMAT})", probe.format));
+        return Err(format!(
+            "has format {} (this agent writes {FORMAT})",
+            probe.format
+        ));
     }
     serde_json::from_slice(bytes).map_err(|e| format!("is damaged: {e}"))
 }
@@ -310,10 +359,20 @@ mod tests {
         s.last_run = Some(run);
         store.save(&s).unwrap();
         assert_eq!(mode(&store.path()), 0o600);
-        assert_eq!(store.load("i-1").unwrap(), (s.clone(), Previous::SameInstance));
+        assert_eq!(
+            store.load("i-1").unwrap(),
+            (s.clone(), Previous::SameInstance)
+        );
         assert_eq!(store.read().unwrap(), Some(s));
-        let names: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("state.json")], "no temp files left");
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from("state.json")],
+            "no temp files left"
+        );
     }
 
     #[test]
@@ -328,13 +387,20 @@ mod tests {
 
     #[test]
     fn unusable_state_is_moved_aside() {
-        for bad in [&b"{\"format\": 1, \"instance-id\": "[..], b"", b"\xff", b"{\"format\": 99, \"instance-id\": \"i-1\"}"] {
+        for bad in [
+            &b"{\"format\": 1, \"instance-id\": "[..],
+            b"",
+            b"\xff",
+            b"{\"format\": 99, \"instance-id\": \"i-1\"}",
+        ] {
             let d = tempfile::tempdir().unwrap();
             let store = Store::open(d.path()).unwrap();
             fs::write(store.path(), bad).unwrap();
             let (s, prev) = store.load("i-1").unwrap();
             assert_eq!(s, State::fresh("i-1"));
-            let Previous::MovedAside { to, .. } = prev else { panic!("{prev:?}") };
+            let Previous::MovedAside { to, .. } = prev else {
+                panic!("{prev:?}")
+            };
             assert_eq!(fs::read(to).unwrap(), bad);
             assert!(!store.path().exists());
         }

@@ -1,0 +1,128 @@
+//! The command line: one struct per subcommand, each with `run`.
+
+mod plan;
+mod status;
+mod validate;
+
+use crate::config::{self, Config};
+use crate::exit::{self, Failure};
+use crate::run::Environment;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+const ABOUT: &str =
+    "Turns a freshly launched EC2 instance into the NixOS configuration its operator named";
+
+const LONG_ABOUT: &str = "\
+Turns a freshly launched EC2 instance into the NixOS configuration its operator
+named: reads user data over IMDSv2 (and the image's defaults from the config
+file), reads the fleet's SSM parameter if the settings name one, logs in to
+FlakeHub with the instance role (determinate-nixd login aws), runs
+`fh apply nixos REF ACTION` when the target differs from the running system,
+and verifies that the system really switched.";
+
+const AFTER_HELP: &str = "\
+User data the agent acts on (gzip is undone first):
+  #nixos-ami-agent                 TOML settings, first line as shown
+  flake = \"my-org/my-flake/0.1#nixosConfigurations.web\"
+
+  {\"nixos-ami-agent\": {\"ssm-parameter\": \"/fleets/web\"}}     JSON settings
+  #!/bin/sh ...                    a script, run once per instance
+  MIME multipart                   text/x-nixos-ami-agent and
+                                   text/x-shellscript parts
+Anything else is left alone.
+
+Settings: flake | ssm-parameter, action (switch|boot|test), reboot
+(never|if-needed|always), login (true|false). The image's config file sets
+defaults; user data overrides them; an SSM parameter's value overrides both.
+
+Examples:
+  nixos-ami-agent validate user-data.toml
+  nixos-ami-agent plan --user-data user-data.toml
+  nixos-ami-agent status --json
+
+Logging: NIXOS_AMI_AGENT_LOG=debug (tracing filter syntax).
+
+";
+
+#[derive(Debug, Parser)]
+#[command(name = "nixos-ami-agent", version, about = ABOUT, long_about = LONG_ABOUT)]
+#[command(after_help = format!("{AFTER_HELP}{}", exit::HELP))]
+pub struct Cli {
+    /// The image's config file (defaults and [agent] settings).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Converge this instance: what the systemd unit runs at boot and on
+    /// each timer tick.
+    Run,
+    /// Show what `run` would do: target, its source, action, reboot
+    /// policy, scripts. Reads IMDS and SSM; logs in, resolves and changes
+    /// nothing.
+    Plan(plan::PlanArgs),
+    /// Show the recorded state: last run, last apply, scripts.
+    Status(status::StatusArgs),
+    /// Check a user-data file before launching an instance with it.
+    Validate(validate::ValidateArgs),
+}
+
+impl Cli {
+    pub async fn run(self) -> u8 {
+        let env = Environment::from_process();
+        let result = match self.command {
+            Command::Validate(args) => args.run(),
+            command => match load_config(self.config) {
+                Ok(config) => match command {
+                    Command::Run => run(&config, &env).await,
+                    Command::Plan(args) => args.run(&config, &env).await,
+                    Command::Status(args) => args.run(&config),
+                    Command::Validate(_) => unreachable!("handled above"),
+                },
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                let code = e.exit_code();
+                tracing::error!(exit_code = code, "failed: {e}");
+                code
+            }
+        }
+    }
+}
+
+fn load_config(explicit: Option<PathBuf>) -> Result<Config, Failure> {
+    let (path, explicit) = match explicit {
+        Some(p) => (p, true),
+        None => (PathBuf::from(config::DEFAULT_PATH), false),
+    };
+    Config::load(&path, explicit).map_err(Failure::Config)
+}
+
+async fn run(config: &Config, env: &Environment) -> Result<(), Failure> {
+    let report = crate::run::run(config, env).await?;
+    tracing::debug!(outcome = ?report.outcome, "run finished");
+    Ok(())
+}
+
+/// Reads a user-data file for `plan --user-data` and `validate`.
+fn read_user_data(path: &std::path::Path) -> Result<Vec<u8>, Failure> {
+    // EC2 user data is at most 16 KiB; a file far larger is not user data.
+    const MAX: u64 = 1 << 20;
+    let meta =
+        std::fs::metadata(path).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
+    if meta.len() > MAX {
+        return Err(Failure::Usage(format!(
+            "{}: larger than 1 MiB; EC2 user data is at most 16 KiB",
+            path.display()
+        )));
+    }
+    std::fs::read(path).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
+}

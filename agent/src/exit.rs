@@ -1,0 +1,197 @@
+//! Every way a command can end, and the one place that maps them to exit
+//! codes (sysexits). The unit's `RestartPreventExitStatus` lists the
+//! permanent ones (65, 69, 78): restarting cannot fix bad input, a missing
+//! program, or a disabled IMDS.
+
+use crate::imds::ImdsError;
+use crate::settings::SettingsError;
+use crate::ssm::SsmError;
+use crate::state::StateError;
+use crate::steps::StepError;
+
+pub const OK: u8 = 0;
+pub const FAILED: u8 = 1;
+pub const USAGE: u8 = 64;
+pub const DATAERR: u8 = 65;
+pub const UNAVAILABLE: u8 = 69;
+pub const IOERR: u8 = 74;
+pub const TEMPFAIL: u8 = 75;
+pub const CONFIG: u8 = 78;
+
+/// Shown by `--help` and mirrored in the README.
+pub const HELP: &str = "\
+Exit codes:
+  0   success, or nothing to do
+  1   apply or verify failed (fh failed, or the system did not switch), or a
+      user-data script failed
+  64  bad command line
+  65  invalid user data, settings or SSM parameter value (nothing was run)
+  69  unavailable: IMDS disabled for this instance, a program missing, the
+      SSM parameter missing or access to it denied
+  74  the state directory cannot be read or written
+  75  temporary: a retry budget ran out on something that may heal, a
+      program timed out, or another run held the lock
+  78  invalid config file";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// User data, or the SSM parameter's value.
+    #[error(transparent)]
+    Input(SettingsError),
+    /// The image's config file.
+    #[error(transparent)]
+    Config(SettingsError),
+    #[error(transparent)]
+    Imds(#[from] ImdsError),
+    #[error(transparent)]
+    Ssm(#[from] SsmError),
+    #[error(transparent)]
+    Step(#[from] StepError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("verify: {0}")]
+    NotSwitched(String),
+    #[error("{0}")]
+    Scripts(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl Failure {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Input(_) => DATAERR,
+            Failure::Config(_) => CONFIG,
+            Failure::Usage(_) => USAGE,
+            Failure::Imds(ImdsError::Exhausted { .. })
+            | Failure::Ssm(SsmError::Exhausted { .. })
+            | Failure::Step(StepError::Exhausted { .. } | StepError::TimedOut { .. })
+            | Failure::State(StateError::Locked { .. }) => TEMPFAIL,
+            Failure::Imds(_) | Failure::Ssm(_) | Failure::Step(StepError::Missing { .. }) => {
+                UNAVAILABLE
+            }
+            Failure::State(StateError::Io { .. }) => IOERR,
+            Failure::Step(StepError::Failed { .. })
+            | Failure::NotSwitched(_)
+            | Failure::Scripts(_) => FAILED,
+        }
+    }
+
+    /// Whether retrying later may help (for messages and, later, the unit).
+    pub fn is_temporary(&self) -> bool {
+        self.exit_code() == TEMPFAIL
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::Source;
+    use std::time::Duration;
+
+    #[test]
+    fn mapping() {
+        let s = SettingsError::new(&Source::UserData, None, "x");
+        let d = Duration::from_secs(1);
+        let cases: Vec<(Failure, u8)> = vec![
+            (Failure::Input(s.clone()), 65),
+            (Failure::Config(s), 78),
+            (ImdsError::Disabled.into(), 69),
+            (
+                ImdsError::Exhausted {
+                    what: "x".into(),
+                    last: "y".into(),
+                    attempts: 2,
+                    elapsed: d,
+                }
+                .into(),
+                75,
+            ),
+            (
+                SsmError::NotFound {
+                    name: "n".into(),
+                    region: "r".into(),
+                    code: "c".into(),
+                }
+                .into(),
+                69,
+            ),
+            (
+                SsmError::Denied {
+                    name: "n".into(),
+                    region: "r".into(),
+                    code: "c".into(),
+                }
+                .into(),
+                69,
+            ),
+            (
+                SsmError::Exhausted {
+                    name: "n".into(),
+                    region: "r".into(),
+                    last: "l".into(),
+                    attempts: 1,
+                    elapsed: d,
+                }
+                .into(),
+                75,
+            ),
+            (
+                StepError::Missing {
+                    step: "login",
+                    reason: "r".into(),
+                }
+                .into(),
+                69,
+            ),
+            (
+                StepError::Failed {
+                    step: "apply",
+                    reason: "r".into(),
+                }
+                .into(),
+                1,
+            ),
+            (
+                StepError::TimedOut {
+                    step: "apply",
+                    reason: "r".into(),
+                }
+                .into(),
+                75,
+            ),
+            (
+                StepError::Exhausted {
+                    step: "login",
+                    last: "l".into(),
+                    attempts: 3,
+                    elapsed: d,
+                }
+                .into(),
+                75,
+            ),
+            (
+                StateError::Locked {
+                    path: "/l".into(),
+                    waited: d,
+                }
+                .into(),
+                75,
+            ),
+            (
+                StateError::Io {
+                    path: "/l".into(),
+                    reason: "r".into(),
+                }
+                .into(),
+                74,
+            ),
+            (Failure::NotSwitched("x".into()), 1),
+            (Failure::Scripts("x".into()), 1),
+        ];
+        for (f, code) in cases {
+            assert_eq!(f.exit_code(), code, "{f}");
+            assert!(HELP.contains(&format!("  {code} ")), "{code} is documented");
+        }
+    }
+}

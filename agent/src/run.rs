@@ -1,0 +1,486 @@
+//! One `run`, as the unit calls it: sources → settings → target → login →
+//! resolve → decide → apply → verify → scripts → state. Also the read-only
+//! half that `plan` shares.
+
+use crate::config::Config;
+use crate::exit::Failure;
+use crate::imds::Imds;
+use crate::plan::{self, Decision, RebootInputs};
+use crate::redact::Redactor;
+use crate::retry::Backoff;
+use crate::settings::{OutputRef, Settings, SettingsError, Source, Target, parameter};
+use crate::ssm::Ssm;
+use crate::state::{
+    Outcome, Previous, RebootRecord, RunRecord, ScriptRecord, State, Store, TargetRecord,
+};
+use crate::steps::{apply, login, resolve, script};
+use crate::system;
+use crate::userdata::{self, Digest, UserData};
+use std::ffi::OsString;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+
+/// What the agent takes from its environment, read once at the edge.
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    /// `AWS_EC2_METADATA_SERVICE_ENDPOINT`.
+    pub imds_endpoint: Option<String>,
+    /// `AWS_REGION`, else `AWS_DEFAULT_REGION`.
+    pub region: Option<String>,
+    /// `PATH`, appended to the scripts' PATH.
+    pub path: Option<OsString>,
+}
+
+impl Environment {
+    pub fn from_process() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            imds_endpoint: var(crate::config::IMDS_ENDPOINT_ENV),
+            region: var("AWS_REGION").or_else(|| var("AWS_DEFAULT_REGION")),
+            path: std::env::var_os("PATH"),
+        }
+    }
+}
+
+/// How a run ended when it did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub outcome: Outcome,
+    pub message: String,
+}
+
+/// The target once any SSM parameter has been read.
+pub struct Resolved {
+    pub settings: Settings,
+    pub flake: Option<OutputRef>,
+    /// How the target may be shown: the ref, or `<SecureString NAME>`.
+    pub shown: Option<String>,
+    pub record: Option<TargetRecord>,
+    pub redactor: Redactor,
+}
+
+pub fn imds(config: &Config, env: &Environment) -> Result<(Imds, String), Failure> {
+    let endpoint = config
+        .agent
+        .imds_endpoint(env.imds_endpoint.as_deref())
+        .map_err(|why| {
+            Failure::Config(SettingsError::new(
+                &Source::ConfigFile(config.path.clone()),
+                Some("agent.imds-endpoint"),
+                why,
+            ))
+        })?;
+    Ok((
+        Imds::new(&endpoint, Backoff::with_budget(config.agent.retry_budget)),
+        endpoint,
+    ))
+}
+
+/// Sniffs user data, logging what it was without showing it.
+pub fn sniff(raw: Option<&[u8]>) -> Result<UserData, Failure> {
+    let Some(raw) = raw else {
+        tracing::info!("no user data");
+        return Ok(UserData::absent());
+    };
+    let digest = Digest::of(raw);
+    let ud = userdata::sniff(raw).map_err(Failure::Input)?;
+    tracing::info!(size = digest.size, sha256 = %digest.sha256, "user data: {} ({digest})", ud.kind.describe());
+    for part in &ud.ignored {
+        tracing::info!("user data {part} is for another tool; left alone");
+    }
+    if ud.kind == userdata::Kind::NotForUs {
+        tracing::info!(
+            "user data is not addressed to nixos-ami-agent; nothing in it will be run or applied"
+        );
+    }
+    Ok(ud)
+}
+
+pub fn settings(config: &Config, ud: &UserData) -> Settings {
+    Settings::merge(std::iter::once(&config.defaults).chain(ud.settings.as_ref()))
+}
+
+/// Reads the SSM parameter when the settings name one; region from its
+/// ARN, else the environment, else the instance's.
+pub async fn resolve_target(
+    config: &Config,
+    env: &Environment,
+    imds: &Imds,
+    endpoint: &str,
+    settings: Settings,
+) -> Result<Resolved, Failure> {
+    let mut redactor = Redactor::default();
+    let Some(target) = settings.target.clone() else {
+        return Ok(Resolved {
+            settings,
+            flake: None,
+            shown: None,
+            record: None,
+            redactor,
+        });
+    };
+    let name = match target.value {
+        Target::Flake(flake) => {
+            let record = TargetRecord {
+                flake: flake.as_str().to_owned(),
+                source: target.source.to_string(),
+                ssm_parameter: None,
+                ssm_version: None,
+                secret: false,
+            };
+            let shown = Some(flake.as_str().to_owned());
+            return Ok(Resolved {
+                settings,
+                flake: Some(flake),
+                shown,
+                record: Some(record),
+                redactor,
+            });
+        }
+        Target::Ssm(name) => name,
+    };
+    let region = match (name.arn_region(), &env.region) {
+        (Some(r), _) => r.to_owned(),
+        (None, Some(r)) => r.clone(),
+        (None, None) => imds.region().await?,
+    };
+    let backoff = Backoff::with_budget(config.agent.retry_budget);
+    tracing::info!(ssm_parameter = name.as_str(), region = %region, "reading SSM parameter {}", name.as_str());
+    let p = Ssm::new(&region, endpoint, backoff)
+        .await
+        .get(&name)
+        .await?;
+    let source = Source::SsmParameter {
+        name: name.as_str().to_owned(),
+        version: p.version,
+    };
+    let value = p.value.expose();
+    let parsed = parameter::parse_value(value, p.secure).map_err(|e| {
+        Failure::Input(SettingsError {
+            origin: source.clone(),
+            key: e.key,
+            reason: e.reason,
+        })
+    })?;
+    let shown = if p.secure {
+        let placeholder = Redactor::placeholder(name.as_str());
+        redactor.add(value, &placeholder);
+        redactor.add(parsed.flake.as_str(), &placeholder);
+        placeholder
+    } else {
+        parsed.flake.as_str().to_owned()
+    };
+    tracing::info!(
+        ssm_parameter = name.as_str(),
+        ssm_version = p.version,
+        "SSM parameter {} (version {}) names {shown}",
+        name.as_str(),
+        p.version
+    );
+    let record = TargetRecord {
+        flake: shown.clone(),
+        source: source.to_string(),
+        ssm_parameter: Some(name.as_str().to_owned()),
+        ssm_version: Some(p.version),
+        secret: p.secure,
+    };
+    let flake = parsed.flake.clone();
+    let settings = settings.with_parameter(parsed, source);
+    Ok(Resolved {
+        settings,
+        flake: Some(flake),
+        shown: Some(shown),
+        record: Some(record),
+        redactor,
+    })
+}
+
+pub async fn run(config: &Config, env: &Environment) -> Result<Report, Failure> {
+    let agent = &config.agent;
+    let store = Store::open(&agent.state_dir)?;
+    let _lock = store.lock(agent.lock_wait).await?;
+    let (imds, endpoint) = imds(config, env)?;
+    let instance_id = imds.instance_id().await?;
+    tracing::info!(instance_id = %instance_id, "instance {instance_id}");
+
+    let (mut state, previous) = store.load(&instance_id)?;
+    match &previous {
+        Previous::OtherInstance(old) => {
+            tracing::info!(
+                "state belonged to instance {old} (an image made from a running instance?); starting fresh"
+            )
+        }
+        Previous::MovedAside { to, reason } => {
+            tracing::warn!(
+                "state file {reason}; moved to {} and starting fresh",
+                to.display()
+            )
+        }
+        Previous::None | Previous::SameInstance => {}
+    }
+    if let Some(last) = state
+        .last_run
+        .as_ref()
+        .filter(|r| r.outcome == Outcome::Running)
+    {
+        tracing::warn!(
+            "the run started at {} did not finish (crash or power loss); checking the system again",
+            last.started
+        );
+    }
+    let mut record = RunRecord::start();
+    let previous_run = state.last_run.replace(record.clone());
+    store.save(&state)?;
+
+    // Bad input stops everything, scripts included; it is still recorded
+    // so that `status` can say why nothing happened.
+    let ud = match imds
+        .user_data()
+        .await
+        .map_err(Failure::from)
+        .and_then(|raw| sniff(raw.as_deref()))
+    {
+        Ok(ud) => ud,
+        Err(e) => return finish(&store, &mut state, record, Err(e), 0),
+    };
+    let settings = settings(config, &ud);
+    let converged = converge(
+        config,
+        env,
+        &imds,
+        &endpoint,
+        settings,
+        &store,
+        &mut state,
+        &mut record,
+        previous_run.as_ref(),
+    )
+    .await;
+    if let Err(e @ Failure::Input(_)) = converged {
+        // A bad parameter value is bad input too: nothing runs.
+        return finish(&store, &mut state, record, Err(e), 0);
+    }
+    let script_failures = run_scripts(config, env, &store, &mut state, &ud).await?;
+    finish(&store, &mut state, record, converged, script_failures)
+}
+
+fn finish(
+    store: &Store,
+    state: &mut State,
+    mut record: RunRecord,
+    converged: Result<(Outcome, String), Failure>,
+    script_failures: usize,
+) -> Result<Report, Failure> {
+    let result = match converged {
+        Ok((outcome, message)) => {
+            record.finish(outcome, message.clone());
+            Ok(Report { outcome, message })
+        }
+        Err(e) => {
+            record.finish(Outcome::Failed, e.to_string());
+            Err(e)
+        }
+    };
+    if record.outcome == Outcome::Applied {
+        state.last_applied = Some(record.clone());
+    }
+    state.last_run = Some(record);
+    store.save(state)?;
+    match result {
+        Ok(_) if script_failures > 0 => Err(Failure::Scripts(format!(
+            "{script_failures} user-data script(s) failed"
+        ))),
+        other => other,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn converge(
+    config: &Config,
+    env: &Environment,
+    imds: &Imds,
+    endpoint: &str,
+    settings: Settings,
+    store: &Store,
+    state: &mut State,
+    record: &mut RunRecord,
+    previous_run: Option<&RunRecord>,
+) -> Result<(Outcome, String), Failure> {
+    let agent = &config.agent;
+    let r = resolve_target(config, env, imds, endpoint, settings).await?;
+    let Some(flake) = r.flake else {
+        let message =
+            "no target: neither user data nor the image names a flake or SSM parameter".to_owned();
+        tracing::info!("nothing to do: {message}");
+        return Ok((Outcome::NoTarget, message));
+    };
+    let shown = r.shown.unwrap_or_default();
+    let action = r.settings.action.value;
+    record.target = r.record;
+    record.action = Some(action);
+    state.last_run = Some(record.clone());
+    store.save(state)?;
+
+    // Before anything runs: a missing program is the image's fault and
+    // must not leave a half-done run (logged in, never applied).
+    crate::process::check_program(&agent.fh).map_err(|e| crate::steps::StepError::Missing {
+        step: "preflight",
+        reason: e.to_string(),
+    })?;
+    if r.settings.login.value {
+        crate::process::check_program(&agent.determinate_nixd).map_err(|e| {
+            crate::steps::StepError::Missing {
+                step: "preflight",
+                reason: e.to_string(),
+            }
+        })?;
+    }
+    let backoff = Backoff::with_budget(agent.retry_budget);
+    if r.settings.login.value {
+        tracing::info!(
+            step = login::STEP,
+            "logging in to FlakeHub (determinate-nixd login aws)"
+        );
+        login::login(agent, &backoff, &r.redactor).await?;
+    }
+    tracing::info!(step = resolve::STEP, "resolving {shown}");
+    let resolved = resolve::resolve(agent, &backoff, &r.redactor, &flake).await?;
+    let target = system::canonical(&resolved).unwrap_or(resolved);
+    record.store_path = Some(target.display().to_string());
+    tracing::info!(step = resolve::STEP, store_path = %target.display(), "{shown} resolves to {}", target.display());
+
+    let (outcome, mut message) = match plan::decide(action, &target, &system::view(agent)) {
+        Decision::UpToDate { reason } => (Outcome::Unchanged, format!("nothing to do: {reason}")),
+        Decision::Apply => {
+            state.last_run = Some(record.clone());
+            store.save(state)?;
+            tracing::info!(
+                step = apply::STEP,
+                "applying {shown} ({}) with action {}",
+                target.display(),
+                action.as_str()
+            );
+            apply::apply(agent, &r.redactor, &flake, action).await?;
+            plan::verify(action, &target, &system::view(agent)).map_err(Failure::NotSwitched)?;
+            (
+                Outcome::Applied,
+                format!(
+                    "applied {shown} ({}) with action {}",
+                    target.display(),
+                    action.as_str()
+                ),
+            )
+        }
+    };
+
+    let requested_for = previous_run
+        .filter(|p| p.reboot.as_ref().is_some_and(|r| r.requested))
+        .and_then(|p| p.store_path.as_deref())
+        .map(PathBuf::from);
+    let booted_system = system::canonical(&agent.booted_system);
+    let assessment = plan::reboot(&RebootInputs {
+        policy: r.settings.reboot.value,
+        action,
+        applied: outcome == Outcome::Applied,
+        target: &target,
+        new: &system::boot_files(&target),
+        booted_system: booted_system.as_deref(),
+        booted: &system::boot_files(&agent.booted_system),
+        requested_for: requested_for.as_deref(),
+    });
+    tracing::info!(
+        reboot_needed = assessment.needed,
+        "reboot {}: {}",
+        if assessment.needed {
+            "needed"
+        } else {
+            "not needed"
+        },
+        assessment.reason
+    );
+    if assessment.needed {
+        message.push_str("; a reboot is needed");
+    }
+    record.reboot = Some(RebootRecord::new(r.settings.reboot.value, assessment));
+    tracing::info!("{message}");
+    Ok((outcome, message))
+}
+
+/// Each script once per instance, recorded before it starts: a script that
+/// reboots the machine, or a crash while it runs, must not make it run
+/// again.
+async fn run_scripts(
+    config: &Config,
+    env: &Environment,
+    store: &Store,
+    state: &mut State,
+    ud: &UserData,
+) -> Result<usize, Failure> {
+    let mut failures = 0;
+    let dir = config.agent.state_dir.join("scripts");
+    for (index, s) in ud.scripts.iter().enumerate() {
+        if let Some(prev) = state.scripts.iter().find(|r| r.label == s.label) {
+            tracing::info!(
+                step = script::STEP,
+                "user-data script {} already ran on this instance ({}); not running it again",
+                s.label,
+                prev.result.as_deref().unwrap_or("interrupted")
+            );
+            continue;
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| crate::state::StateError::Io {
+                path: dir.clone(),
+                reason: format!("cannot be created: {e}"),
+            })?;
+        state.scripts.push(ScriptRecord {
+            label: s.label.clone(),
+            size: s.digest.size,
+            sha256: s.digest.sha256.clone(),
+            started: crate::state::now(),
+            finished: None,
+            result: None,
+            success: false,
+        });
+        store.save(state)?;
+        tracing::info!(
+            step = script::STEP,
+            "running user-data script {} ({})",
+            s.label,
+            s.digest
+        );
+        let r = script::run(
+            s,
+            index,
+            &dir,
+            config.agent.script_timeout,
+            env.path.clone(),
+        )
+        .await;
+        if r.success {
+            tracing::info!(
+                step = script::STEP,
+                "user-data script {} finished: {}",
+                s.label,
+                r.result
+            );
+        } else {
+            failures += 1;
+            tracing::error!(
+                step = script::STEP,
+                "user-data script {} failed: {}",
+                s.label,
+                r.result
+            );
+        }
+        let rec = state.scripts.last_mut().expect("pushed above");
+        rec.finished = Some(crate::state::now());
+        rec.result = Some(r.result);
+        rec.success = r.success;
+        store.save(state)?;
+    }
+    Ok(failures)
+}

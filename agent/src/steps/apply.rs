@@ -1,0 +1,36 @@
+//! `fh apply nixos REF ACTION`. Not retried: a failed apply is reported
+//! (and the unit's restart policy decides), and its exit status proves
+//! little either way, so the caller verifies the system links after it.
+
+use super::StepError;
+use crate::config::Agent;
+use crate::process::{self, Program, describe};
+use crate::redact::Redactor;
+use crate::settings::{Action, OutputRef};
+
+pub const STEP: &str = "apply";
+
+pub async fn apply(
+    agent: &Agent,
+    redactor: &Redactor,
+    flake: &OutputRef,
+    action: Action,
+) -> Result<(), StepError> {
+    let prog = Program::new(&agent.fh, STEP, agent.apply_timeout).args([
+        "apply",
+        "nixos",
+        flake.as_str(),
+        action.as_str(),
+    ]);
+    let out = process::run(&prog, redactor)
+        .await
+        .map_err(|e| StepError::from_process(STEP, e))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(StepError::Failed {
+            step: STEP,
+            reason: format!("fh apply nixos failed ({})", describe(out.status)),
+        })
+    }
+}

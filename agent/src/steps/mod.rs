@@ -1,0 +1,82 @@
+//! The programs a run drives, one file each: `determinate-nixd login aws`,
+//! `fh resolve --json`, `fh apply nixos`, and user-data scripts. All go
+//! through [`crate::process`]; the retrying ones through [`crate::retry`].
+
+pub mod apply;
+pub mod login;
+pub mod resolve;
+pub mod script;
+
+use crate::process::ProcessError;
+use crate::retry::{Attempt, RetryError};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StepError {
+    /// A program is not there: the image is broken, retrying cannot help.
+    #[error("{step}: {reason}")]
+    Missing { step: &'static str, reason: String },
+    #[error("{step}: gave up after {attempts} attempts in {:.1}s: {last}", elapsed.as_secs_f64())]
+    Exhausted {
+        step: &'static str,
+        last: String,
+        attempts: u32,
+        elapsed: Duration,
+    },
+    #[error("{step}: {reason}")]
+    TimedOut { step: &'static str, reason: String },
+    #[error("{step}: {reason}")]
+    Failed { step: &'static str, reason: String },
+}
+
+impl StepError {
+    fn from_process(step: &'static str, e: ProcessError) -> Self {
+        match e {
+            ProcessError::Missing { .. } => StepError::Missing {
+                step,
+                reason: e.to_string(),
+            },
+            ProcessError::TimedOut { .. } => StepError::TimedOut {
+                step,
+                reason: e.to_string(),
+            },
+            ProcessError::Spawn { .. } => StepError::Failed {
+                step,
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    fn from_retry(step: &'static str, e: RetryError<StepError>) -> Self {
+        match e {
+            RetryError::Permanent(e) => e,
+            RetryError::Exhausted {
+                last,
+                attempts,
+                elapsed,
+            } => {
+                let last = match last {
+                    StepError::Missing { reason, .. }
+                    | StepError::TimedOut { reason, .. }
+                    | StepError::Failed { reason, .. } => reason,
+                    StepError::Exhausted { last, .. } => last,
+                };
+                StepError::Exhausted {
+                    step,
+                    last,
+                    attempts,
+                    elapsed,
+                }
+            }
+        }
+    }
+}
+
+/// A program that did not start is permanent; one that failed or hung may
+/// succeed next time (network, FlakeHub, credentials not yet there).
+fn classify(step: &'static str, e: ProcessError) -> Attempt<StepError> {
+    match e {
+        ProcessError::Missing { .. } => Attempt::Fail(StepError::from_process(step, e)),
+        _ => Attempt::retry(StepError::from_process(step, e)),
+    }
+}

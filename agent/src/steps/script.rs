@@ -1,0 +1,71 @@
+//! User-data `#!` scripts, run as nixpkgs' amazon-init ran them (the
+//! documented `determinate-nixd login aws; fh apply nixos REF` keeps
+//! working), but once per instance, like cloud-init's per-instance scripts.
+
+use crate::process::{self, ProcessError, Program, describe};
+use crate::redact::Redactor;
+use crate::userdata::Script;
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+pub const STEP: &str = "script";
+/// NixOS puts setuid wrappers and the system's programs here; a script
+/// written for amazon-init expects them first.
+pub const PATH_PREFIX: &str = "/run/wrappers/bin:/run/current-system/sw/bin";
+
+pub struct ScriptResult {
+    pub success: bool,
+    /// `exit status 0`, `killed by signal 9`, `timed out after 3600s`, ...
+    pub result: String,
+}
+
+/// Writes the script into `dir` (root-only) and executes it directly: the
+/// kernel reads its `#!` line, no shell of ours is involved.
+pub async fn run(
+    script: &Script,
+    index: usize,
+    dir: &Path,
+    timeout: Duration,
+    inherited_path: Option<OsString>,
+) -> ScriptResult {
+    let failed = |result: String| ScriptResult {
+        success: false,
+        result,
+    };
+    let file = dir.join(format!("user-data-script-{index}"));
+    let written = (|| -> std::io::Result<()> {
+        let _ = std::fs::remove_file(&file);
+        let mut f = std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o700)
+            .open(&file)?;
+        f.write_all(&script.body)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        return failed(format!("could not be written to {}: {e}", file.display()));
+    }
+    let mut path = OsString::from(PATH_PREFIX);
+    if let Some(rest) = inherited_path.filter(|p| !p.is_empty()) {
+        path.push(":");
+        path.push(rest);
+    }
+    let mut prog = Program::new(&file, STEP, timeout);
+    prog.env.push(("PATH".into(), path));
+    prog.cwd = Some(dir);
+    match process::run(&prog, &Redactor::default()).await {
+        Ok(out) => ScriptResult {
+            success: out.status.success(),
+            result: describe(out.status),
+        },
+        Err(ProcessError::TimedOut { after, .. }) => failed(format!(
+            "timed out after {}s and was killed",
+            after.as_secs()
+        )),
+        Err(e) => failed(e.to_string()),
+    }
+}
