@@ -123,7 +123,8 @@ pub async fn run(p: &Program<'_>, redactor: &Redactor) -> Result<Output, Process
         },
     })?;
     let pid = child.id().map(|id| Pid::from_raw(id as i32));
-    tracing::debug!(step = p.step, program = %p.path.display(), pid = ?pid, "started");
+    let shown_pid = child.id().unwrap_or_default();
+    tracing::debug!(step = p.step, program = %p.path.display(), pid = shown_pid, "started");
 
     let step = p.step;
     let capture = p.capture_stdout;

@@ -1,1 +1,14 @@
+//! Test doubles for nixos-ami-agent, and a harness that runs the real
+//! binary against them. Everything binds 127.0.0.1 on ephemeral ports.
+//!
+//! - [`imds`]: IMDSv2 with real token semantics and fault injection;
+//! - [`ssm`]: `AmazonSSM.GetParameter` over the AWS JSON 1.1 protocol;
+//! - [`standin`]: the `fh` and `determinate-nixd` stand-ins (the
+//!   `fake-fh` and `fake-determinate-nixd` binaries) that record argv;
+//! - [`harness`]: one temp dir per scenario with config, system links and
+//!   doubles, and a way to run the agent in it.
 
+pub mod harness;
+pub mod imds;
+pub mod ssm;
+pub mod standin;

@@ -1,0 +1,360 @@
+//! One scenario = one temp dir laid out like a small NixOS system (store
+//! paths, `current-system`, the system profile, `booted-system`), a config
+//! file pointing the agent at it, the doubles, and the stand-ins. The agent
+//! runs unprivileged with a scrubbed environment: loopback endpoints and
+//! static fake credentials only.
+
+use crate::imds::{Imds, ImdsDouble};
+use crate::ssm::{Ssm, SsmDouble};
+use crate::standin::{self, Behaviour, Call};
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The output ref most scenarios apply, and where it resolves.
+pub const REF: &str = "my-org/web/0.1#nixosConfigurations.web";
+/// Resolves to a system whose kernel differs from the booted one.
+pub const REF_NEW_KERNEL: &str = "my-org/web/0.2#nixosConfigurations.web";
+pub const STATIC_ACCESS_KEY: &str = "AKIDSTATICFAKEKEY000";
+
+pub fn rt() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
+/// A listener that accepts and closes the first N connections, as an IMDS
+/// still coming up (or a middlebox) would.
+pub struct Dropping {
+    pub inner: tokio::net::TcpListener,
+    pub drop: Arc<AtomicU32>,
+}
+
+impl axum::serve::Listener for Dropping {
+    type Io = tokio::net::TcpStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((stream, addr)) = self.inner.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let pending = self.drop.load(Ordering::SeqCst);
+            if pending > 0 {
+                self.drop.store(pending - 1, Ordering::SeqCst);
+                drop(stream);
+                continue;
+            }
+            return (stream, addr);
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A binary of this workspace, next to the test executable's directory
+/// (`target/debug/deps/..`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(format!("{}_BIN", name.to_uppercase().replace('-', "_"))) {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    };
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace's binaries first (`cargo build --workspace --bins`; scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Debug for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+pub struct Scenario {
+    pub dir: tempfile::TempDir,
+    pub imds: ImdsDouble,
+    pub ssm: SsmDouble,
+    /// Top-level settings (image defaults) for the config file.
+    pub defaults: String,
+    /// `[agent]` keys overriding the scenario's.
+    pub agent: Vec<(String, String)>,
+    pub behaviour: Behaviour,
+    pub env: Vec<(String, String)>,
+    pub env_remove: Vec<String>,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scenario {
+    pub fn new() -> Self {
+        Self::with_imds_delay(Duration::ZERO)
+    }
+
+    /// IMDS starts listening only after `delay` (connections refused
+    /// until then), as on an instance whose metadata service is not up.
+    pub fn with_imds_delay(delay: Duration) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["store", "run", "profiles", "bin", "standin"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let store = root.join("store");
+        for f in [
+            "kernel-1",
+            "kernel-2",
+            "initrd-1",
+            "initrd-2",
+            "modules-1",
+            "modules-2",
+        ] {
+            std::fs::create_dir_all(store.join(f)).unwrap();
+        }
+        for (system, k) in [
+            ("old-system", "1"),
+            ("new-system", "1"),
+            ("kernel-system", "2"),
+        ] {
+            let s = store.join(system);
+            std::fs::create_dir_all(&s).unwrap();
+            symlink(store.join(format!("kernel-{k}")), s.join("kernel")).unwrap();
+            symlink(store.join(format!("initrd-{k}")), s.join("initrd")).unwrap();
+            symlink(store.join("modules-1"), s.join("kernel-modules")).unwrap();
+        }
+        symlink(store.join("old-system"), root.join("run/current-system")).unwrap();
+        symlink(store.join("old-system"), root.join("run/booted-system")).unwrap();
+        symlink(store.join("old-system"), root.join("profiles/system")).unwrap();
+        symlink(workspace_bin("fake-fh"), root.join("bin/fh")).unwrap();
+        symlink(
+            workspace_bin("fake-determinate-nixd"),
+            root.join("bin/determinate-nixd"),
+        )
+        .unwrap();
+        std::fs::write(root.join("empty"), "").unwrap();
+        let mut behaviour = Behaviour {
+            current_system: root.join("run/current-system"),
+            system_profile: root.join("profiles/system"),
+            ..Behaviour::default()
+        };
+        behaviour
+            .store_paths
+            .insert(REF.into(), store.join("new-system"));
+        behaviour
+            .store_paths
+            .insert(REF_NEW_KERNEL.into(), store.join("kernel-system"));
+        let imds = ImdsDouble::start(rt(), Imds::default(), delay);
+        let ssm = SsmDouble::start(rt(), Ssm::default());
+        Self {
+            dir,
+            imds,
+            ssm,
+            defaults: String::new(),
+            agent: vec![],
+            behaviour,
+            env: vec![],
+            env_remove: vec![],
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root().join(rel)
+    }
+
+    pub fn store_path(&self, name: &str) -> PathBuf {
+        self.path("store").join(name)
+    }
+
+    pub fn user_data(&self, bytes: impl Into<Vec<u8>>) -> &Self {
+        let b = bytes.into();
+        self.imds.with(|i| i.user_data = Some(b));
+        self
+    }
+
+    pub fn set_agent(&mut self, key: &str, toml_value: &str) -> &mut Self {
+        self.agent.retain(|(k, _)| k != key);
+        self.agent.push((key.into(), toml_value.into()));
+        self
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path("config.toml")
+    }
+
+    fn write_config(&self) {
+        let r = self.root();
+        let q = |p: &str| format!("{:?}", r.join(p).display().to_string());
+        let mut agent: Vec<(String, String)> = vec![
+            ("fh".into(), q("bin/fh")),
+            ("determinate-nixd".into(), q("bin/determinate-nixd")),
+            ("state-dir".into(), q("state")),
+            ("current-system".into(), q("run/current-system")),
+            ("booted-system".into(), q("run/booted-system")),
+            ("system-profile".into(), q("profiles/system")),
+            ("imds-endpoint".into(), format!("{:?}", self.imds.url())),
+            ("retry-budget".into(), "\"4s\"".into()),
+            ("command-timeout".into(), "\"10s\"".into()),
+            ("apply-timeout".into(), "\"30s\"".into()),
+            ("script-timeout".into(), "\"30s\"".into()),
+            ("lock-wait".into(), "\"2s\"".into()),
+        ];
+        for (k, v) in &self.agent {
+            agent.retain(|(key, _)| key != k);
+            agent.push((k.clone(), v.clone()));
+        }
+        let mut text = format!("{}\n[agent]\n", self.defaults);
+        for (k, v) in agent {
+            text.push_str(&format!("{k} = {v}\n"));
+        }
+        std::fs::write(self.config_path(), text).unwrap();
+        standin::write_behaviour(&self.path("standin"), &self.behaviour);
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        self.write_config();
+        let mut c = Command::new(workspace_bin("nixos-ami-agent"));
+        c.arg("--config").arg(self.config_path()).args(args);
+        c.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", self.root())
+            .env(standin::DIR_ENV, self.path("standin"))
+            .env("NIXOS_AMI_AGENT_LOG", "debug")
+            .env("NO_PROXY", "127.0.0.1,localhost")
+            .env("AWS_ACCESS_KEY_ID", STATIC_ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", "static-fake-secret-key")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_ENDPOINT_URL_SSM", self.ssm.url())
+            .env("AWS_CONFIG_FILE", self.path("empty"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", self.path("empty"));
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        for k in &self.env_remove {
+            c.env_remove(k);
+        }
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args).spawn().expect("agent starts")
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        finish(self.spawn(args), Duration::from_secs(90))
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        standin::calls(&self.path("standin"))
+    }
+
+    /// Argv of every stand-in call, as `prog arg arg`.
+    pub fn call_lines(&self) -> Vec<String> {
+        self.calls()
+            .iter()
+            .map(|c| format!("{} {}", c.prog, c.argv.join(" ")))
+            .collect()
+    }
+
+    pub fn state(&self) -> serde_json::Value {
+        let text =
+            std::fs::read_to_string(self.path("state/state.json")).expect("state.json exists");
+        serde_json::from_str(&text).expect("state.json is JSON")
+    }
+
+    pub fn current_system(&self) -> PathBuf {
+        std::fs::canonicalize(self.path("run/current-system")).unwrap()
+    }
+
+    pub fn system_profile(&self) -> PathBuf {
+        std::fs::canonicalize(self.path("profiles/system")).unwrap()
+    }
+}
+
+/// Waits for the agent, killing it (and failing the test) if it hangs.
+pub fn finish(mut child: Child, limit: Duration) -> Output {
+    use std::io::Read;
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let o = std::thread::spawn(move || {
+        let mut s = String::new();
+        out.read_to_string(&mut s).ok();
+        s
+    });
+    let e = std::thread::spawn(move || {
+        let mut s = String::new();
+        err.read_to_string(&mut s).ok();
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            child.kill().ok();
+            child.wait().ok();
+            panic!(
+                "the agent did not finish within {limit:?}; stderr:\n{}",
+                e.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        code: status.code().unwrap_or(-1),
+        stdout: o.join().unwrap(),
+        stderr: e.join().unwrap(),
+    }
+}
+
+/// `#nixos-ami-agent` TOML user data.
+pub fn toml_user_data(body: &str) -> Vec<u8> {
+    format!("#nixos-ami-agent\n{body}\n").into_bytes()
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}

@@ -1,0 +1,214 @@
+//! An SSM double speaking the AWS JSON 1.1 protocol the SDK uses for
+//! `GetParameter`: `POST /`, `x-amz-target: AmazonSSM.GetParameter`,
+//! `{"Name": ..., "WithDecryption": true}`, SigV4-signed. Parameters are
+//! keyed by the exact `Name` requested (`name`, `name:label`, an ARN).
+
+use axum::body::{Body, Bytes};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct Param {
+    pub kind: &'static str,
+    pub value: String,
+    pub version: i64,
+}
+
+impl Param {
+    pub fn string(value: &str, version: i64) -> Self {
+        Self {
+            kind: "String",
+            value: value.into(),
+            version,
+        }
+    }
+
+    pub fn secure(value: &str, version: i64) -> Self {
+        Self {
+            kind: "SecureString",
+            value: value.into(),
+            version,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    Throttling,
+    Status500,
+    AccessDenied,
+    /// Answer normally after this long.
+    Delay(Duration),
+}
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub target: Option<String>,
+    pub content_type: Option<String>,
+    pub body: serde_json::Value,
+    /// The SigV4 `Authorization` header: proves signing, names the access
+    /// key and the region of the credential scope.
+    pub authorization: Option<String>,
+    pub at: Instant,
+}
+
+impl Request {
+    pub fn name(&self) -> Option<&str> {
+        self.body.get("Name").and_then(|v| v.as_str())
+    }
+
+    /// `Credential=AKID/DATE/REGION/ssm/aws4_request` → (AKID, REGION).
+    pub fn credential(&self) -> Option<(String, String)> {
+        let auth = self.authorization.as_deref()?;
+        let cred = auth.split("Credential=").nth(1)?.split(',').next()?;
+        let parts: Vec<&str> = cred.split('/').collect();
+        Some((parts.first()?.to_string(), parts.get(2)?.to_string()))
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Ssm {
+    pub params: HashMap<String, Param>,
+    pub faults: VecDeque<Fault>,
+    /// Every request is throttled (for budget exhaustion).
+    pub always_throttle: bool,
+    pub requests: Vec<Request>,
+}
+
+pub struct SsmDouble {
+    pub addr: SocketAddr,
+    pub state: Arc<Mutex<Ssm>>,
+}
+
+impl SsmDouble {
+    pub fn start(rt: &tokio::runtime::Runtime, ssm: Ssm) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(ssm));
+        let st = state.clone();
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let app = axum::Router::new().fallback(move |h, b| handle(st.clone(), h, b));
+            let l = crate::harness::Dropping {
+                inner: listener,
+                drop: Arc::new(AtomicU32::new(0)),
+            };
+            axum::serve(l, app).await.unwrap();
+        });
+        Self { addr, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn with<R>(&self, f: impl FnOnce(&mut Ssm) -> R) -> R {
+        f(&mut self.state.lock().unwrap())
+    }
+}
+
+fn json(status: u16, body: serde_json::Value) -> Response {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/x-amz-json-1.1")
+        .header("x-amzn-requestid", "00000000-0000-0000-0000-000000000000")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+fn error(status: u16, kind: &str, message: &str) -> Response {
+    json(
+        status,
+        serde_json::json!({"__type": kind, "message": message}),
+    )
+}
+
+async fn handle(state: Arc<Mutex<Ssm>>, headers: HeaderMap, body: Bytes) -> Response {
+    let header = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    let (delay, response) = {
+        let mut s = state.lock().unwrap();
+        let request = Request {
+            target: header("x-amz-target"),
+            content_type: header("content-type"),
+            body: body.clone(),
+            authorization: header("authorization"),
+            at: Instant::now(),
+        };
+        s.requests.push(request.clone());
+        let fault = if s.always_throttle {
+            Some(Fault::Throttling)
+        } else {
+            s.faults.pop_front()
+        };
+        let mut delay = None;
+        let response = match fault {
+            Some(Fault::Throttling) => Some(error(400, "ThrottlingException", "Rate exceeded")),
+            Some(Fault::Status500) => Some(error(500, "InternalServerError", "injected")),
+            Some(Fault::AccessDenied) => Some(error(
+                400,
+                "AccessDeniedException",
+                "User: arn:aws:sts::123456789012:assumed-role/web/i-0 is not authorized to perform: ssm:GetParameter",
+            )),
+            Some(Fault::Delay(d)) => {
+                delay = Some(d);
+                None
+            }
+            None => None,
+        };
+        let response = response.unwrap_or_else(|| answer(&s, &request));
+        (delay, response)
+    };
+    if let Some(d) = delay {
+        tokio::time::sleep(d).await;
+    }
+    response
+}
+
+fn answer(s: &Ssm, r: &Request) -> Response {
+    if r.target.as_deref() != Some("AmazonSSM.GetParameter") {
+        return error(
+            400,
+            "UnknownOperationException",
+            "only GetParameter is doubled",
+        );
+    }
+    if r.authorization
+        .as_deref()
+        .is_none_or(|a| !a.starts_with("AWS4-HMAC-SHA256 "))
+    {
+        return error(
+            400,
+            "MissingAuthenticationTokenException",
+            "request is not signed",
+        );
+    }
+    let Some(name) = r.name() else {
+        return error(400, "ValidationException", "Name is required");
+    };
+    match s.params.get(name) {
+        Some(p) => json(
+            200,
+            serde_json::json!({"Parameter": {
+                "Name": name.split(':').next().unwrap_or(name),
+                "Type": p.kind,
+                "Value": p.value,
+                "Version": p.version,
+                "DataType": "text",
+                "ARN": format!("arn:aws:ssm:eu-west-1:123456789012:parameter{}", name),
+            }}),
+        ),
+        None => error(400, "ParameterNotFound", ""),
+    }
+}
