@@ -102,7 +102,8 @@ impl Ssm {
             .tls_provider(Provider::Rustls(CryptoMode::Ring))
             .build_https();
         let region = Region::new(region.to_owned());
-        let attempt = Duration::from_secs(10).min(backoff.budget);
+        // A hung attempt must leave budget for the next one.
+        let attempt = (backoff.budget / 3).clamp(Duration::from_secs(1), Duration::from_secs(10));
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(Duration::from_secs(3).min(attempt))
             .operation_attempt_timeout(attempt)
