@@ -160,6 +160,7 @@ pub fn reboot(i: &RebootInputs<'_>) -> RebootAssessment {
 
 /// A setting as `plan` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Shown {
     pub value: String,
     pub source: String,
@@ -175,6 +176,7 @@ impl Shown {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct PlannedScript {
     pub label: String,
     pub size: usize,
@@ -185,6 +187,7 @@ pub struct PlannedScript {
 
 /// What `run` would do, as `plan` prints it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Plan {
     pub instance_id: Option<String>,
     pub user_data: String,

@@ -92,8 +92,16 @@ fn bump(dir: &Path, key: &str) -> u32 {
     n
 }
 
+/// Hangs like a stuck download, but not past the agent: an orphaned
+/// stand-in (its agent was SIGKILLed) exits instead of lingering.
 fn hang() -> ! {
-    std::thread::sleep(std::time::Duration::from_secs(3600));
+    let parent = std::os::unix::process::parent_id();
+    for _ in 0..36_000 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        if std::os::unix::process::parent_id() != parent {
+            std::process::exit(98);
+        }
+    }
     std::process::exit(99)
 }
 

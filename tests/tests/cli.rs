@@ -1,0 +1,248 @@
+//! The command line: `plan` changes nothing, `status` reads state,
+//! `validate` checks files offline, config errors, the run lock, help.
+
+use nixos_ami_agent_tests::harness::{REF, Scenario, finish, toml_user_data};
+use nixos_ami_agent_tests::ssm::Param;
+use nixos_ami_agent_tests::standin::Mode;
+use std::time::{Duration, Instant};
+
+#[test]
+fn plan_reads_but_changes_nothing() {
+    let s = Scenario::new();
+    s.user_data(
+        "Content-Type: multipart/mixed; boundary=\"B\"\n\n--B\nContent-Type: text/x-nixos-ami-agent\n\n\
+         ssm-parameter = \"/fleets/web\"\nreboot = \"never\"\n--B\nContent-Type: text/x-shellscript\n\n#!/bin/sh\ntrue\n--B--\n"
+    );
+    s.ssm.with(|x| {
+        x.params
+            .insert("/fleets/web".into(), Param::string(REF, 12))
+    });
+    let out = s.run(&["plan"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    for line in [
+        "instance:   i-0123456789abcdef0",
+        &format!("target:     {REF}  [SSM parameter /fleets/web (version 12)]"),
+        "action:     switch  [built-in default]",
+        "reboot:     never  [user data]",
+        "login:      true  [built-in default]",
+        "script:     part 2 (",
+        "1. determinate-nixd login aws",
+        &format!("2. fh resolve --json {REF}"),
+        &format!("3. fh apply nixos {REF} switch"),
+        "4. run user-data script part 2",
+    ] {
+        assert!(
+            out.stdout.contains(line),
+            "missing {line:?}:\n{}",
+            out.stdout
+        );
+    }
+    assert!(s.calls().is_empty(), "plan ran {:?}", s.calls());
+    assert!(!s.path("state").exists(), "plan wrote state");
+    assert_eq!(s.current_system(), s.store_path("old-system"));
+
+    let json = s.run(&["plan", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v["target"]["value"], REF);
+    assert_eq!(v["scripts"][0]["will-run"], true);
+    assert_eq!(
+        v["reboot"],
+        serde_json::json!({"value": "never", "source": "user data"})
+    );
+}
+
+#[test]
+fn plan_offline_from_a_file_touches_no_network() {
+    let s = Scenario::new();
+    let file = s.path("ud.toml");
+    std::fs::write(
+        &file,
+        toml_user_data("ssm-parameter = \"/fleets/web:canary\"\naction = \"boot\""),
+    )
+    .unwrap();
+    let out = s.run(&["plan", "--user-data", file.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout.contains("unknown (offline plan from a file)"),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout
+            .contains("<the value of SSM parameter /fleets/web:canary, read at run time>"),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout.contains("action:     boot  [user data]"),
+        "{out:?}"
+    );
+    assert!(s.imds.with(|i| i.requests.is_empty()));
+    assert!(s.ssm.with(|x| x.requests.is_empty()));
+}
+
+#[test]
+fn status_for_people_and_machines() {
+    let s = Scenario::new();
+    let out = s.run(&["status"]);
+    assert_eq!(out.code, 0);
+    assert!(out.stdout.starts_with("no run recorded yet"), "{out:?}");
+    assert_eq!(s.run(&["status", "--json"]).stdout.trim(), "null");
+
+    s.user_data(toml_user_data(&format!("flake = \"{REF}\"")));
+    assert_eq!(s.run(&["run"]).code, 0);
+    let out = s.run(&["status"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    for line in [
+        "instance:     i-0123456789abcdef0",
+        "last run:     applied at ",
+        &format!("  target:     {REF} (from user data)"),
+        "  action:     switch",
+        "  reboot:     not needed (policy if-needed)",
+    ] {
+        assert!(
+            out.stdout.contains(line),
+            "missing {line:?}:\n{}",
+            out.stdout
+        );
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&s.run(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(json, s.state());
+}
+
+#[test]
+fn validate_checks_files_offline() {
+    let s = Scenario::new();
+    let write = |name: &str, body: &[u8]| {
+        let p = s.path(name);
+        std::fs::write(&p, body).unwrap();
+        p.display().to_string()
+    };
+    let good = write(
+        "good",
+        &toml_user_data(&format!("flake = \"{REF}\"\nreboot = \"always\"")),
+    );
+    let out = s.run(&["validate", &good]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout.contains("valid: #nixos-ami-agent TOML settings"),
+        "{out:?}"
+    );
+    assert!(out.stdout.contains(&format!("flake = {REF}")), "{out:?}");
+
+    let bad = write(
+        "bad",
+        b"#nixos-ami-agent\nflake = \"o/f/0.1#x\"\n\naction = \"swtich\"\n",
+    );
+    let out = s.run(&["validate", &bad]);
+    assert_eq!(out.code, 65, "{out:?}");
+    assert!(
+        out.stdout
+            .contains("key `action`: line 4, column 10: unknown variant `swtich`"),
+        "{out:?}"
+    );
+
+    let json = write(
+        "bad.json",
+        b"{\"nixos-ami-agent\": {\n  \"flake\": \"o/f/0.1#x\",\n  \"login\": 1\n}}",
+    );
+    let out = s.run(&["validate", &json]);
+    assert_eq!(out.code, 65, "{out:?}");
+    assert!(
+        out.stdout.contains("key `login`: line 3, column"),
+        "{out:?}"
+    );
+
+    let other = write("nix", b"{ pkgs, ... }: { }\n");
+    assert_eq!(s.run(&["validate", &other]).code, 65);
+    let missing = s.path("missing").display().to_string();
+    assert_eq!(s.run(&["validate", &missing]).code, 64);
+    assert!(
+        s.imds.with(|i| i.requests.is_empty()),
+        "validate is offline"
+    );
+}
+
+#[test]
+fn invalid_config_file_is_78_and_touches_nothing() {
+    for (defaults, agent, reason) in [
+        ("flake = \"not a ref\"", None, "config file"),
+        ("", Some(("retry-budget", "\"soon\"")), "agent.retry-budget"),
+        ("", Some(("fh", "\"relative/fh\"")), "agent.fh"),
+        ("frobnicate = true", None, "unknown field `frobnicate`"),
+    ] {
+        let mut s = Scenario::new();
+        s.defaults = defaults.into();
+        if let Some((k, v)) = agent {
+            s.set_agent(k, v);
+        }
+        s.user_data(toml_user_data(&format!("flake = \"{REF}\"")));
+        let out = s.run(&["run"]);
+        assert_eq!(out.code, 78, "{reason}: {out:?}");
+        assert!(out.stderr.contains(reason), "{reason}: {out:?}");
+        assert!(s.imds.with(|i| i.requests.is_empty()), "{reason}");
+        assert!(s.calls().is_empty());
+    }
+}
+
+#[test]
+fn second_run_waits_then_says_another_run_is_in_progress() {
+    let mut s = Scenario::new();
+    s.user_data(toml_user_data(&format!("flake = \"{REF}\"")));
+    s.behaviour.apply = Mode::Hang;
+    s.set_agent("apply-timeout", "\"30s\"");
+    s.set_agent("lock-wait", "\"500ms\"");
+    let first = s.spawn(&["run"]);
+    // Wait until the first run is applying (it holds the lock).
+    let start = Instant::now();
+    while !s.call_lines().iter().any(|l| l.starts_with("fh apply")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "first run never applied"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = s.run(&["run"]);
+    assert_eq!(second.code, 75, "{second:?}");
+    assert!(
+        second.stderr.contains("another run is in progress"),
+        "{second:?}"
+    );
+    // The status of a run in progress reads consistent state.
+    let status = s.run(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v["last-run"]["outcome"], "running");
+    // SIGKILL: the kernel releases a dead run's lock; the next run
+    // proceeds and notices the interruption.
+    let mut first = first;
+    first.kill().unwrap();
+    let _ = finish(first, Duration::from_secs(10));
+    s.behaviour.apply = Mode::Ok;
+    let again = s.run(&["run"]);
+    assert_eq!(again.code, 0, "{again:?}");
+    assert!(again.stderr.contains("did not finish"), "{again:?}");
+}
+
+#[test]
+fn help_teaches_and_documents_exit_codes() {
+    let s = Scenario::new();
+    let out = s.run(&["--help"]);
+    assert_eq!(out.code, 0);
+    for text in [
+        "#nixos-ami-agent",
+        "ssm-parameter",
+        "Exit codes:",
+        "  65  ",
+        "  69  ",
+        "  75  ",
+        "  78  ",
+        "validate",
+    ] {
+        assert!(
+            out.stdout.contains(text),
+            "--help lacks {text:?}:\n{}",
+            out.stdout
+        );
+    }
+    let out = s.run(&["frobnicate"]);
+    assert_eq!(out.code, 64, "{out:?}");
+}
