@@ -199,6 +199,9 @@ pub struct Plan {
     pub login: Shown,
     pub scripts: Vec<PlannedScript>,
     pub steps: Vec<String>,
+    /// The reboot need is decided after resolving; `plan` does not
+    /// resolve, so it shows what the last run on this instance found.
+    pub last_reboot: Option<RebootAssessment>,
 }
 
 pub struct PlanInputs<'a> {
@@ -215,6 +218,7 @@ pub struct PlanInputs<'a> {
     pub scripts_ran: Option<&'a [String]>,
     pub current_system: &'a Path,
     pub system_profile: &'a Path,
+    pub last_reboot: Option<RebootAssessment>,
 }
 
 pub fn build(i: PlanInputs<'_>) -> Plan {
@@ -278,6 +282,7 @@ pub fn build(i: PlanInputs<'_>) -> Plan {
         login: Shown::of(&s.login, |l| l.to_string()),
         scripts,
         steps,
+        last_reboot: i.last_reboot,
     }
 }
 
@@ -565,5 +570,75 @@ mod tests {
                 r.reason
             );
         }
+    }
+
+    #[test]
+    fn plan_lists_steps_and_scripts() {
+        use crate::settings::{Layer, Target};
+        use crate::userdata::{Digest, Script};
+        let layer = Layer {
+            source: Source::UserData,
+            target: Some(Target::Flake(
+                crate::settings::OutputRef::parse("o/f/0.1#x").unwrap(),
+            )),
+            action: Some(Action::Boot),
+            reboot: None,
+            login: Some(false),
+        };
+        let settings = Settings::merge([&layer]);
+        let script = |label: &str| Script {
+            label: label.into(),
+            body: b"#!/bin/sh".to_vec(),
+            digest: Digest::of(b"#!/bin/sh"),
+        };
+        let scripts = [script("part 2"), script("part 3")];
+        let ran = ["part 2".to_owned()];
+        let plan = build(PlanInputs {
+            instance_id: Some("i-1"),
+            user_data: "MIME".into(),
+            ignored_parts: &[],
+            settings: &settings,
+            target: Some(("o/f/0.1#x".into(), Source::UserData)),
+            scripts: &scripts,
+            scripts_ran: Some(&ran),
+            current_system: Path::new("/run/current-system"),
+            system_profile: Path::new("/nix/var/nix/profiles/system"),
+            last_reboot: None,
+        });
+        assert_eq!(
+            plan.steps,
+            [
+                "fh resolve --json o/f/0.1#x",
+                "fh apply nixos o/f/0.1#x boot (only if the resolved store path differs from /nix/var/nix/profiles/system), then verify",
+                "run user-data script part 3",
+            ]
+        );
+        assert_eq!(
+            plan.login,
+            Shown {
+                value: "false".into(),
+                source: "user data".into()
+            }
+        );
+        assert_eq!(plan.reboot.source, "built-in default");
+        assert_eq!(
+            plan.scripts.iter().map(|s| s.will_run).collect::<Vec<_>>(),
+            [false, true]
+        );
+
+        let offline = build(PlanInputs {
+            instance_id: None,
+            user_data: "none".into(),
+            ignored_parts: &[],
+            settings: &Settings::default(),
+            target: None,
+            scripts: &scripts[..1],
+            scripts_ran: None,
+            current_system: Path::new("/c"),
+            system_profile: Path::new("/p"),
+            last_reboot: None,
+        });
+        assert_eq!(offline.steps, ["run user-data script part 2"]);
+        assert!(offline.target.is_none());
     }
 }

@@ -200,3 +200,20 @@ fn user_data_404_is_no_user_data() {
     );
     assert_eq!(s.state()["last-run"]["outcome"], "no-target");
 }
+
+/// IMDS is link-local: a proxy from the environment must never see the
+/// token or the user data.
+#[test]
+fn imds_never_goes_through_a_proxy() {
+    let mut s = scenario();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    for k in ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+        s.env.push((k.into(), format!("http://{dead}")));
+    }
+    s.env_remove.push("NO_PROXY".into());
+    let out = s.run(&["run"]);
+    applied(&s, &out);
+}

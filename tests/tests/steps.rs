@@ -230,6 +230,19 @@ fn reboot_need_follows_kernel_initrd_and_modules() {
         "{r}"
     );
     assert!(out.stderr.contains("a reboot is needed"), "{out:?}");
+    let plan = s.run(&["plan"]);
+    assert!(
+        plan.stdout
+            .contains("the last run found a reboot needed: kernel, initrd"),
+        "{plan:?}"
+    );
+    let status = s.run(&["status"]);
+    assert!(
+        status
+            .stdout
+            .contains("reboot:     needed (policy if-needed): kernel, initrd"),
+        "{status:?}"
+    );
 
     let s = scenario(&format!("flake = \"{REF_NEW_KERNEL}\"\nreboot = \"never\""));
     assert_eq!(s.run(&["run"]).code, 0);

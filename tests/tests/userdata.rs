@@ -274,3 +274,58 @@ fn invalid_user_data_runs_nothing() {
         assert_eq!(s.current_system(), s.store_path("old-system"));
     }
 }
+
+/// Neither the IMDS token nor the user data's content reaches the log, the
+/// state or `status` (the log names size and SHA-256 instead), even at
+/// debug level.
+#[test]
+fn tokens_and_user_data_content_are_never_logged() {
+    use nixos_ami_agent_tests::imds::TOKEN_PREFIX;
+    let s = Scenario::new();
+    let ud = mime(&[
+        (
+            "text/x-nixos-ami-agent",
+            &format!("# USERDATA-SECRET-1\nflake = \"{REF}\""),
+        ),
+        ("text/x-shellscript", "#!/bin/sh\n# USERDATA-SECRET-2\ntrue"),
+    ]);
+    s.user_data(ud.clone());
+    let run = s.run(&["run"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let file = s.path("ud");
+    std::fs::write(&file, &ud).unwrap();
+    let sum = std::process::Command::new("sha256sum")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let digest = String::from_utf8(sum.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(
+        run.stderr
+            .contains(&format!("{} bytes, sha256 {digest}", ud.len())),
+        "{run:?}"
+    );
+    let status = s.run(&["status", "--json"]);
+    let plan = s.run(&["plan"]);
+    let state = std::fs::read_to_string(s.path("state/state.json")).unwrap();
+    for (what, text) in [
+        ("run", &run.stderr),
+        ("status", &status.stdout),
+        ("plan", &plan.stdout),
+        ("plan log", &plan.stderr),
+        ("state", &state),
+    ] {
+        assert!(
+            !text.contains(TOKEN_PREFIX),
+            "{what} leaks an IMDS token:\n{text}"
+        );
+        assert!(
+            !text.contains("USERDATA-SECRET"),
+            "{what} leaks user data:\n{text}"
+        );
+    }
+}

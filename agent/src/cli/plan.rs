@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::exit::Failure;
-use crate::plan::{self, Plan, PlanInputs};
+use crate::plan::{self, Plan, PlanInputs, RebootAssessment};
 use crate::run::{self, Environment};
 use crate::settings::{Source, Target};
 use crate::state::Store;
@@ -61,9 +61,16 @@ impl PlanArgs {
         };
         // Read-only, unlocked: the state file is replaced atomically.
         let state = Store::at(&agent.state_dir).read().ok().flatten();
-        let ran: Option<Vec<String>> = instance_id.as_ref().map(|id| {
+        let state = state.filter(|s| Some(&s.instance_id) == instance_id.as_ref());
+        let last_reboot = state
+            .as_ref()
+            .and_then(|s| s.last_run.as_ref()?.reboot.as_ref())
+            .map(|r| RebootAssessment {
+                needed: r.needed,
+                reason: r.reason.clone(),
+            });
+        let ran: Option<Vec<String>> = instance_id.as_ref().map(|_| {
             state
-                .filter(|s| &s.instance_id == id)
                 .map(|s| s.scripts.into_iter().map(|r| r.label).collect())
                 .unwrap_or_default()
         });
@@ -81,6 +88,7 @@ impl PlanArgs {
             scripts_ran: ran.as_deref(),
             current_system: &agent.current_system,
             system_profile: &agent.system_profile,
+            last_reboot,
         });
         if self.json {
             println!(
@@ -111,6 +119,17 @@ fn print(p: &Plan) {
     }
     println!("action:     {}  [{}]", p.action.value, p.action.source);
     println!("reboot:     {}  [{}]", p.reboot.value, p.reboot.source);
+    match &p.last_reboot {
+        Some(r) if r.needed => println!(
+            "            the last run found a reboot needed: {}",
+            r.reason
+        ),
+        Some(r) => println!(
+            "            the last run found no reboot needed: {}",
+            r.reason
+        ),
+        None => println!("            whether one is needed is decided after resolving the target"),
+    }
     println!("login:      {}  [{}]", p.login.value, p.login.source);
     if p.scripts.is_empty() {
         println!("scripts:    none");
