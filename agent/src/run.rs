@@ -195,11 +195,27 @@ pub async fn resolve_target(
     })
 }
 
+/// What every step of one run shares.
+struct Context<'a> {
+    config: &'a Config,
+    env: &'a Environment,
+    imds: &'a Imds,
+    endpoint: &'a str,
+    store: &'a Store,
+}
+
 pub async fn run(config: &Config, env: &Environment) -> Result<Report, Failure> {
     let agent = &config.agent;
+    let (imds, endpoint) = imds(config, env)?;
     let store = Store::open(&agent.state_dir)?;
     let _lock = store.lock(agent.lock_wait).await?;
-    let (imds, endpoint) = imds(config, env)?;
+    let ctx = Context {
+        config,
+        env,
+        imds: &imds,
+        endpoint: &endpoint,
+        store: &store,
+    };
     let instance_id = imds.instance_id().await?;
     tracing::info!(instance_id = %instance_id, "instance {instance_id}");
 
@@ -245,12 +261,8 @@ pub async fn run(config: &Config, env: &Environment) -> Result<Report, Failure> 
     };
     let settings = settings(config, &ud);
     let converged = converge(
-        config,
-        env,
-        &imds,
-        &endpoint,
+        &ctx,
         settings,
-        &store,
         &mut state,
         &mut record,
         previous_run.as_ref(),
@@ -260,7 +272,7 @@ pub async fn run(config: &Config, env: &Environment) -> Result<Report, Failure> 
         // A bad parameter value is bad input too: nothing runs.
         return finish(&store, &mut state, record, Err(e), 0);
     }
-    let script_failures = run_scripts(config, env, &store, &mut state, &ud).await?;
+    let script_failures = run_scripts(&ctx, &mut state, &ud).await?;
     finish(&store, &mut state, record, converged, script_failures)
 }
 
@@ -294,20 +306,15 @@ fn finish(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn converge(
-    config: &Config,
-    env: &Environment,
-    imds: &Imds,
-    endpoint: &str,
+    ctx: &Context<'_>,
     settings: Settings,
-    store: &Store,
     state: &mut State,
     record: &mut RunRecord,
     previous_run: Option<&RunRecord>,
 ) -> Result<(Outcome, String), Failure> {
-    let agent = &config.agent;
-    let r = resolve_target(config, env, imds, endpoint, settings).await?;
+    let (agent, store) = (&ctx.config.agent, ctx.store);
+    let r = resolve_target(ctx.config, ctx.env, ctx.imds, ctx.endpoint, settings).await?;
     let Some(flake) = r.flake else {
         let message =
             "no target: neither user data nor the image names a flake or SSM parameter".to_owned();
@@ -410,12 +417,11 @@ async fn converge(
 /// reboots the machine, or a crash while it runs, must not make it run
 /// again.
 async fn run_scripts(
-    config: &Config,
-    env: &Environment,
-    store: &Store,
+    ctx: &Context<'_>,
     state: &mut State,
     ud: &UserData,
 ) -> Result<usize, Failure> {
+    let (config, env, store) = (ctx.config, ctx.env, ctx.store);
     let mut failures = 0;
     let dir = config.agent.state_dir.join("scripts");
     for (index, s) in ud.scripts.iter().enumerate() {

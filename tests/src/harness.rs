@@ -214,6 +214,21 @@ impl Scenario {
         self
     }
 
+    /// Credentials as on EC2: no static keys; the SDK's default chain finds
+    /// the instance role (if the IMDS double has one) through IMDS.
+    pub fn use_instance_role(&mut self) -> &mut Self {
+        for k in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_EC2_METADATA_DISABLED",
+        ] {
+            self.env_remove.push(k.into());
+        }
+        self.env
+            .push(("AWS_EC2_METADATA_SERVICE_ENDPOINT".into(), self.imds.url()));
+        self
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.path("config.toml")
     }

@@ -311,15 +311,7 @@ fn secure_string_bad_value_is_not_quoted() {
 fn instance_role_credentials_from_imds() {
     let mut s = scenario(PARAM, Param::string(REF, 1));
     s.imds.with(|i| i.role = Some("web-fleet-role".into()));
-    s.env_remove = [
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_EC2_METADATA_DISABLED",
-    ]
-    .map(String::from)
-    .to_vec();
-    s.env
-        .push(("AWS_EC2_METADATA_SERVICE_ENDPOINT".into(), s.imds.url()));
+    s.use_instance_role();
     let out = s.run(&["run"]);
     assert_eq!(out.code, 0, "{out:?}");
     let r = s.ssm.with(|x| x.requests[0].clone());
@@ -340,15 +332,7 @@ fn instance_role_credentials_from_imds() {
 fn no_instance_role_is_tempfail_after_the_budget() {
     let mut s = scenario(PARAM, Param::string(REF, 1));
     s.set_agent("retry-budget", "\"1s\"");
-    s.env_remove = [
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_EC2_METADATA_DISABLED",
-    ]
-    .map(String::from)
-    .to_vec();
-    s.env
-        .push(("AWS_EC2_METADATA_SERVICE_ENDPOINT".into(), s.imds.url()));
+    s.use_instance_role();
     let out = s.run(&["run"]);
     assert_eq!(out.code, 75, "{out:?}");
     assert!(out.stderr.to_lowercase().contains("credentials"), "{out:?}");
