@@ -23,13 +23,12 @@ and verifies that the system really switched.";
 
 const AFTER_HELP: &str = "\
 User data the agent acts on (gzip is undone first):
-  #nixos-ami-agent                 TOML settings, first line as shown
-  flake = \"my-org/my-flake/0.1#nixosConfigurations.web\"
-
-  {\"nixos-ami-agent\": {\"ssm-parameter\": \"/fleets/web\"}}     JSON settings
-  #!/bin/sh ...                    a script, run once per instance
-  MIME multipart                   text/x-nixos-ami-agent and
-                                   text/x-shellscript parts
+  TOML settings        #nixos-ami-agent
+                       flake = \"my-org/my-flake/0.1#nixosConfigurations.web\"
+  JSON settings        {\"nixos-ami-agent\": {\"ssm-parameter\": \"/fleets/web\"}}
+  a #! script          run once per instance, as amazon-init did
+  MIME multipart       text/x-nixos-ami-agent (settings) and
+                       text/x-shellscript (script) parts
 Anything else is left alone.
 
 Settings: flake | ssm-parameter, action (switch|boot|test), reboot
@@ -63,8 +62,8 @@ pub enum Command {
     /// each timer tick.
     Run,
     /// Show what `run` would do: target, its source, action, reboot
-    /// policy, scripts. Reads IMDS and SSM; logs in, resolves and changes
-    /// nothing.
+    /// policy, scripts. Reads IMDS and SSM, but does not log in, resolve,
+    /// or change anything.
     Plan(plan::PlanArgs),
     /// Show the recorded state: last run, last apply, scripts.
     Status(status::StatusArgs),
