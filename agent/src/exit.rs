@@ -22,8 +22,8 @@ pub const CONFIG: u8 = 78;
 pub const HELP: &str = "\
 Exit codes:
   0   success, or nothing to do
-  1   apply or verify failed (fh failed, or the system did not switch), or a
-      user-data script failed
+  1   apply or verify failed (fh failed, or the system did not switch), a
+      user-data script failed, or a needed reboot could not be requested
   64  bad command line
   65  invalid user data, settings or SSM parameter value (nothing was run)
   69  unavailable: IMDS disabled for this instance, a program missing, the
@@ -53,6 +53,9 @@ pub enum Failure {
     NotSwitched(String),
     #[error("{0}")]
     Scripts(String),
+    /// The system needs a reboot, but it could not be requested.
+    #[error("reboot: {0}")]
+    Reboot(String),
     #[error("{0}")]
     Usage(String),
 }
@@ -73,7 +76,8 @@ impl Failure {
             Failure::State(StateError::Io { .. }) => IOERR,
             Failure::Step(StepError::Failed { .. })
             | Failure::NotSwitched(_)
-            | Failure::Scripts(_) => FAILED,
+            | Failure::Scripts(_)
+            | Failure::Reboot(_) => FAILED,
         }
     }
 
@@ -188,6 +192,7 @@ mod tests {
             ),
             (Failure::NotSwitched("x".into()), 1),
             (Failure::Scripts("x".into()), 1),
+            (Failure::Reboot("x".into()), 1),
         ];
         for (f, code) in cases {
             assert_eq!(f.exit_code(), code, "{f}");

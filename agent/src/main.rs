@@ -14,7 +14,7 @@ fn main() -> ExitCode {
             });
         }
     };
-    log::init();
+    log::init(cli.log);
     // One thread: the agent waits on the network and on children, and a
     // single thread means no other thread can fork while a freshly written
     // user-data script is still open for writing (ETXTBSY).

@@ -101,6 +101,9 @@ pub async fn run(p: &Program<'_>, redactor: &Redactor) -> Result<Output, Process
     check_program(p.path)?;
     let mut cmd = tokio::process::Command::new(p.path);
     cmd.args(&p.args)
+        // Only the agent speaks for its unit: a script calling
+        // `systemd-notify --ready` must not end the start-up early.
+        .env_remove("NOTIFY_SOCKET")
         .envs(p.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -5,7 +5,10 @@
 use crate::config::Config;
 use crate::exit::Failure;
 use crate::imds::Imds;
+use crate::log;
+use crate::notify;
 use crate::plan::{self, Decision, RebootInputs};
+use crate::reboot;
 use crate::redact::Redactor;
 use crate::retry::Backoff;
 use crate::settings::{OutputRef, Settings, SettingsError, Source, Target, parameter};
@@ -19,6 +22,7 @@ use crate::userdata::{self, Digest, UserData};
 use std::ffi::OsString;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
+use tracing::{Instrument, Span, field};
 
 /// What the agent takes from its environment, read once at the edge.
 #[derive(Debug, Clone, Default)]
@@ -145,6 +149,8 @@ pub async fn resolve_target(
         (None, None) => imds.region().await?,
     };
     let backoff = Backoff::with_budget(config.agent.retry_budget);
+    Span::current().record("ssm_parameter", name.as_str());
+    notify::status(&format!("reading SSM parameter {}", name.as_str()));
     tracing::info!(ssm_parameter = name.as_str(), region = %region, "reading SSM parameter {}", name.as_str());
     let p = Ssm::new(&region, endpoint, backoff)
         .await
@@ -204,7 +210,43 @@ struct Context<'a> {
     store: &'a Store,
 }
 
+/// One run, in a span whose fields (`INSTANCE_ID`, `FLAKE_REF`,
+/// `STORE_PATH`, `SSM_PARAMETER` in the journal) are filled in as they
+/// become known, so every line of the run carries them.
 pub async fn run(config: &Config, env: &Environment) -> Result<Report, Failure> {
+    let span = tracing::info_span!(
+        "run",
+        instance_id = field::Empty,
+        flake_ref = field::Empty,
+        store_path = field::Empty,
+        ssm_parameter = field::Empty,
+    );
+    async {
+        match run_inner(config, env).await {
+            Ok(report) => {
+                notify::ready(&report.message);
+                Ok(report)
+            }
+            Err(e) => Err(report_failure(e)),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The `failed` event and status, for every way a run can fail.
+pub fn report_failure(e: Failure) -> Failure {
+    let code = e.exit_code();
+    tracing::error!(
+        message_id = log::message_id::FAILED,
+        exit_code = code,
+        "failed: {e}"
+    );
+    notify::status(&format!("failed: {e}"));
+    e
+}
+
+async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure> {
     let agent = &config.agent;
     let (imds, endpoint) = imds(config, env)?;
     let store = Store::open(&agent.state_dir)?;
@@ -216,8 +258,10 @@ pub async fn run(config: &Config, env: &Environment) -> Result<Report, Failure> 
         endpoint: &endpoint,
         store: &store,
     };
+    notify::status("reading instance metadata");
     let instance_id = imds.instance_id().await?;
-    tracing::info!(instance_id = %instance_id, "instance {instance_id}");
+    Span::current().record("instance_id", instance_id.as_str());
+    tracing::info!("instance {instance_id}");
 
     let (mut state, previous) = store.load(&instance_id)?;
     match &previous {
@@ -250,6 +294,7 @@ pub async fn run(config: &Config, env: &Environment) -> Result<Report, Failure> 
 
     // Bad input stops everything, scripts included; it is still recorded
     // so that `status` can say why nothing happened.
+    notify::status("fetching user data");
     let ud = match imds
         .user_data()
         .await
@@ -273,7 +318,61 @@ pub async fn run(config: &Config, env: &Environment) -> Result<Report, Failure> 
         return finish(&store, &mut state, record, Err(e), 0);
     }
     let script_failures = run_scripts(&ctx, &mut state, &ud).await?;
-    finish(&store, &mut state, record, converged, script_failures)
+    let mut report = finish(&store, &mut state, record, converged, script_failures)?;
+    if let Some(by) = reboot_if_needed(&store, &mut state).await? {
+        report
+            .message
+            .push_str(&format!("; reboot requested from {by}"));
+    }
+    Ok(report)
+}
+
+/// Records that a reboot is requested, then asks for it: the run after the
+/// reboot must find the request and not ask again. If the request fails,
+/// the record is taken back so that the next run asks again.
+async fn reboot_if_needed(
+    store: &Store,
+    state: &mut State,
+) -> Result<Option<&'static str>, Failure> {
+    let Some(reason) = state
+        .last_run
+        .as_ref()
+        .and_then(|r| r.reboot.as_ref())
+        .filter(|r| r.needed)
+        .map(|r| r.reason.clone())
+    else {
+        return Ok(None);
+    };
+    mark_reboot_requested(state, true);
+    store.save(state)?;
+    notify::ready(&format!("rebooting: {reason}"));
+    tracing::info!("requesting a reboot: {reason}");
+    match reboot::request().await {
+        Ok(by) => {
+            tracing::info!("reboot requested from {by}");
+            Ok(Some(by))
+        }
+        Err(e) => {
+            mark_reboot_requested(state, false);
+            store.save(state)?;
+            Err(Failure::Reboot(e))
+        }
+    }
+}
+
+fn mark_reboot_requested(state: &mut State, requested: bool) {
+    let started = state.last_run.as_ref().map(|r| r.started.clone());
+    let records = state.last_run.iter_mut().chain(
+        state
+            .last_applied
+            .iter_mut()
+            .filter(|a| Some(&a.started) == started.as_ref()),
+    );
+    for r in records {
+        if let Some(rb) = r.reboot.as_mut() {
+            rb.requested = requested;
+        }
+    }
 }
 
 fn finish(
@@ -317,11 +416,13 @@ async fn converge(
     let r = resolve_target(ctx.config, ctx.env, ctx.imds, ctx.endpoint, settings).await?;
     let Some(flake) = r.flake else {
         let message =
-            "no target: neither user data nor the image names a flake or SSM parameter".to_owned();
-        tracing::info!("nothing to do: {message}");
+            "nothing to do: no target (neither user data nor the image names a flake or SSM parameter)"
+                .to_owned();
+        tracing::info!(message_id = log::message_id::NOTHING_TO_DO, "{message}");
         return Ok((Outcome::NoTarget, message));
     };
     let shown = r.shown.unwrap_or_default();
+    Span::current().record("flake_ref", shown.as_str());
     let action = r.settings.action.value;
     record.target = r.record;
     record.action = Some(action);
@@ -344,16 +445,19 @@ async fn converge(
     }
     let backoff = Backoff::with_budget(agent.retry_budget);
     if r.settings.login.value {
+        notify::status("logging in to FlakeHub");
         tracing::info!(
             step = login::STEP,
             "logging in to FlakeHub (determinate-nixd login aws)"
         );
         login::login(agent, &backoff, &r.redactor).await?;
     }
+    notify::status(&format!("resolving {shown}"));
     tracing::info!(step = resolve::STEP, "resolving {shown}");
     let resolved = resolve::resolve(agent, &backoff, &r.redactor, &flake).await?;
     let target = system::canonical(&resolved).unwrap_or(resolved);
     record.store_path = Some(target.display().to_string());
+    Span::current().record("store_path", tracing::field::display(target.display()));
     tracing::info!(step = resolve::STEP, store_path = %target.display(), "{shown} resolves to {}", target.display());
 
     let (outcome, mut message) = match plan::decide(action, &target, &system::view(agent)) {
@@ -361,6 +465,7 @@ async fn converge(
         Decision::Apply => {
             state.last_run = Some(record.clone());
             store.save(state)?;
+            notify::status(&format!("applying {shown}"));
             tracing::info!(
                 step = apply::STEP,
                 "applying {shown} ({}) with action {}",
@@ -408,8 +513,18 @@ async fn converge(
     if assessment.needed {
         message.push_str("; a reboot is needed");
     }
+    let reboot_needed = assessment.needed;
     record.reboot = Some(RebootRecord::new(r.settings.reboot.value, assessment));
-    tracing::info!("{message}");
+    let id = match outcome {
+        Outcome::Applied => log::message_id::APPLIED,
+        _ => log::message_id::NOTHING_TO_DO,
+    };
+    tracing::info!(
+        message_id = id,
+        action = action.as_str(),
+        reboot_needed,
+        "{message}"
+    );
     Ok((outcome, message))
 }
 
@@ -452,6 +567,7 @@ async fn run_scripts(
             success: false,
         });
         store.save(state)?;
+        notify::status(&format!("running user-data script {}", s.label));
         tracing::info!(
             step = script::STEP,
             "running user-data script {} ({})",

@@ -4,6 +4,7 @@
 //! runs unprivileged with a scrubbed environment: loopback endpoints and
 //! static fake credentials only.
 
+use crate::dbus::BusDouble;
 use crate::imds::{Imds, ImdsDouble};
 use crate::ssm::{Ssm, SsmDouble};
 use crate::standin::{self, Behaviour, Call};
@@ -112,6 +113,7 @@ pub struct Scenario {
     pub behaviour: Behaviour,
     pub env: Vec<(String, String)>,
     pub env_remove: Vec<String>,
+    pub bus: Option<BusDouble>,
 }
 
 impl Default for Scenario {
@@ -187,6 +189,7 @@ impl Scenario {
             behaviour,
             env: vec![],
             env_remove: vec![],
+            bus: None,
         }
     }
 
@@ -212,6 +215,17 @@ impl Scenario {
         self.agent.retain(|(k, _)| k != key);
         self.agent.push((key.into(), toml_value.into()));
         self
+    }
+
+    /// A private system bus with logind and/or systemd doubles, for
+    /// scenarios that reboot.
+    pub fn with_bus(&mut self, logind: bool, systemd: bool) -> &BusDouble {
+        self.bus = Some(BusDouble::start(rt(), self.dir.path(), logind, systemd));
+        self.bus.as_ref().unwrap()
+    }
+
+    pub fn reboot_requests(&self) -> Vec<String> {
+        self.bus.as_ref().map(BusDouble::calls).unwrap_or_default()
     }
 
     /// Credentials as on EC2: no static keys; the SDK's default chain finds
@@ -277,7 +291,16 @@ impl Scenario {
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("AWS_ENDPOINT_URL_SSM", self.ssm.url())
             .env("AWS_CONFIG_FILE", self.path("empty"))
-            .env("AWS_SHARED_CREDENTIALS_FILE", self.path("empty"));
+            .env("AWS_SHARED_CREDENTIALS_FILE", self.path("empty"))
+            // Never the host's system bus: a reboot request there would
+            // reboot the machine running the tests.
+            .env(
+                "DBUS_SYSTEM_BUS_ADDRESS",
+                match &self.bus {
+                    Some(b) => b.address.clone(),
+                    None => format!("unix:path={}", self.path("no-system-bus").display()),
+                },
+            );
         for (k, v) in &self.env {
             c.env(k, v);
         }

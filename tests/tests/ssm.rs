@@ -88,7 +88,8 @@ fn arn_names_its_own_region_and_labels_pass_through() {
 
 #[test]
 fn toml_value_sets_action_and_reboot_over_user_data() {
-    let s = Scenario::new();
+    let mut s = Scenario::new();
+    s.with_bus(true, false);
     s.user_data(toml_user_data(&format!(
         "ssm-parameter = \"{PARAM}\"\naction = \"test\"\nreboot = \"never\""
     )));

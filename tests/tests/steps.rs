@@ -1,7 +1,7 @@
 //! The programs a run drives: login, resolve, apply, verify, and what
 //! happens when each fails, hangs, is missing, or lies.
 
-use nixos_ami_agent_tests::harness::{REF, REF_NEW_KERNEL, Scenario, toml_user_data};
+use nixos_ami_agent_tests::harness::{REF, Scenario, toml_user_data};
 use nixos_ami_agent_tests::standin::Mode;
 
 fn scenario(settings: &str) -> Scenario {
@@ -177,28 +177,32 @@ fn hanging_login_is_killed_and_retried_within_the_budget() {
 
 #[test]
 fn boot_compares_and_verifies_the_profile() {
-    let s = scenario(&format!("{}\naction = \"boot\"", flake()));
+    let mut s = scenario(&format!("{}\naction = \"boot\"", flake()));
+    s.with_bus(true, false);
     assert_eq!(s.run(&["run"]).code, 0);
     assert_eq!(s.system_profile(), s.store_path("new-system"));
+    assert_eq!(s.current_system(), s.store_path("old-system"));
+    let r = &s.state()["last-run"]["reboot"];
+    assert_eq!(r["needed"], true, "boot takes effect at the next boot: {r}");
+    assert_eq!(s.reboot_requests(), ["login1.Reboot(false)"]);
+
+    // The reboot did not happen yet (or did not take): nothing to apply,
+    // and no second request.
     let out = s.run(&["run"]);
-    assert_eq!(out.code, 0);
+    assert_eq!(out.code, 0, "{out:?}");
     assert!(
         out.stderr
             .contains("nothing to do: the boot default is already"),
         "{out:?}"
     );
-    assert_eq!(
-        s.call_lines()
-            .iter()
-            .filter(|l| l.starts_with("fh apply"))
-            .count(),
-        1
-    );
-    assert_eq!(
-        s.state()["last-run"]["reboot"]["needed"],
-        true,
-        "boot takes effect at the next boot"
-    );
+    assert!(out.stderr.contains("already requested"), "{out:?}");
+    let applies = s
+        .call_lines()
+        .iter()
+        .filter(|l| l.starts_with("fh apply"))
+        .count();
+    assert_eq!(applies, 1);
+    assert_eq!(s.reboot_requests().len(), 1);
 }
 
 #[test]
@@ -215,46 +219,6 @@ fn switch_with_a_partial_previous_state_applies_again() {
             .contains(&format!("fh apply nixos {REF} switch"))
     );
     assert_eq!(s.system_profile(), s.store_path("new-system"));
-}
-
-#[test]
-fn reboot_need_follows_kernel_initrd_and_modules() {
-    let s = scenario(&format!("flake = \"{REF_NEW_KERNEL}\""));
-    let out = s.run(&["run"]);
-    assert_eq!(out.code, 0, "{out:?}");
-    let r = &s.state()["last-run"]["reboot"];
-    assert_eq!(r["needed"], true, "{r}");
-    assert_eq!(r["policy"], "if-needed");
-    assert!(
-        r["reason"].as_str().unwrap().contains("kernel, initrd"),
-        "{r}"
-    );
-    assert!(out.stderr.contains("a reboot is needed"), "{out:?}");
-    let plan = s.run(&["plan"]);
-    assert!(
-        plan.stdout
-            .contains("the last run found a reboot needed: kernel, initrd"),
-        "{plan:?}"
-    );
-    let status = s.run(&["status"]);
-    assert!(
-        status
-            .stdout
-            .contains("reboot:     needed (policy if-needed): kernel, initrd"),
-        "{status:?}"
-    );
-
-    let s = scenario(&format!("flake = \"{REF_NEW_KERNEL}\"\nreboot = \"never\""));
-    assert_eq!(s.run(&["run"]).code, 0);
-    assert_eq!(s.state()["last-run"]["reboot"]["needed"], false);
-
-    let s = scenario(&flake());
-    assert_eq!(s.run(&["run"]).code, 0);
-    assert_eq!(
-        s.state()["last-run"]["reboot"]["needed"],
-        false,
-        "same kernel, initrd, modules"
-    );
 }
 
 #[test]

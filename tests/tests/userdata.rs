@@ -61,7 +61,7 @@ fn second_run_is_idempotent_and_says_why() {
 fn gzipped_user_data_is_transparent() {
     let s = Scenario::new();
     s.user_data(gzip(&toml_user_data(&format!(
-        "flake = \"{REF}\"\naction = \"boot\""
+        "flake = \"{REF}\"\naction = \"boot\"\nreboot = \"never\""
     ))));
     let out = s.run(&["run"]);
     assert_eq!(out.code, 0, "{out:?}");

@@ -52,6 +52,11 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
 
+    /// Where to log: the journal when run by systemd (auto), stderr, or
+    /// the journal with structured fields.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    pub log: crate::log::Target,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -74,17 +79,23 @@ pub enum Command {
 impl Cli {
     pub async fn run(self) -> u8 {
         let env = Environment::from_process();
+        let config = || load_config(self.config.clone());
         let result = match self.command {
+            // `run` reports its own outcome (journal events, sd_notify),
+            // including a config file it cannot use.
+            Command::Run => {
+                let r = match config() {
+                    Ok(c) => crate::run::run(&c, &env).await.map(|_| ()),
+                    Err(e) => Err(crate::run::report_failure(e)),
+                };
+                return r.err().map_or(exit::OK, |e| e.exit_code());
+            }
             Command::Validate(args) => args.run(),
-            command => match load_config(self.config) {
-                Ok(config) => match command {
-                    Command::Run => run(&config, &env).await,
-                    Command::Plan(args) => args.run(&config, &env).await,
-                    Command::Status(args) => args.run(&config),
-                    Command::Validate(_) => unreachable!("handled above"),
-                },
+            Command::Plan(args) => match config() {
+                Ok(c) => args.run(&c, &env).await,
                 Err(e) => Err(e),
             },
+            Command::Status(args) => config().and_then(|c| args.run(&c)),
         };
         match result {
             Ok(()) => exit::OK,
@@ -103,12 +114,6 @@ fn load_config(explicit: Option<PathBuf>) -> Result<Config, Failure> {
         None => (PathBuf::from(config::DEFAULT_PATH), false),
     };
     Config::load(&path, explicit).map_err(Failure::Config)
-}
-
-async fn run(config: &Config, env: &Environment) -> Result<(), Failure> {
-    let report = crate::run::run(config, env).await?;
-    tracing::debug!(outcome = ?report.outcome, "run finished");
-    Ok(())
 }
 
 /// Reads a user-data file for `plan --user-data` and `validate`.

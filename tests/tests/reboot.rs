@@ -1,0 +1,181 @@
+//! Reboots: when one is needed, the state records the request before the
+//! agent asks logind (or systemd) over D-Bus, and the run after the reboot
+//! finds it done instead of asking again. The bus is a private
+//! dbus-daemon with doubles; the host's system bus is never used.
+
+use nixos_ami_agent_tests::harness::{REF, REF_NEW_KERNEL, Scenario, toml_user_data};
+
+fn scenario(settings: &str) -> Scenario {
+    let s = Scenario::new();
+    s.user_data(toml_user_data(settings));
+    s
+}
+
+/// What the machine does when it reboots: it boots the boot default.
+fn reboot_into_profile(s: &Scenario) {
+    let profile = s.system_profile();
+    for link in ["run/booted-system", "run/current-system"] {
+        std::fs::remove_file(s.path(link)).unwrap();
+        std::os::unix::fs::symlink(&profile, s.path(link)).unwrap();
+    }
+}
+
+#[test]
+fn new_kernel_reboots_once_through_logind() {
+    let mut s = scenario(&format!("flake = \"{REF_NEW_KERNEL}\""));
+    s.with_bus(true, true);
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        s.reboot_requests(),
+        ["login1.Reboot(false)"],
+        "logind first, not interactive"
+    );
+    let r = &s.state()["last-run"]["reboot"];
+    assert_eq!(
+        (r["needed"].as_bool(), r["requested"].as_bool()),
+        (Some(true), Some(true)),
+        "{r}"
+    );
+    assert!(
+        r["reason"].as_str().unwrap().contains("kernel, initrd"),
+        "{r}"
+    );
+    assert_eq!(s.state()["last-applied"]["reboot"]["requested"], true);
+    assert!(
+        out.stderr.contains("reboot requested from logind"),
+        "{out:?}"
+    );
+
+    let status = s.run(&["status"]);
+    assert!(
+        status
+            .stdout
+            .contains("reboot:     needed, requested (policy if-needed): kernel, initrd"),
+        "{status:?}"
+    );
+    let plan = s.run(&["plan"]);
+    assert!(
+        plan.stdout
+            .contains("the last run found a reboot needed: kernel, initrd"),
+        "{plan:?}"
+    );
+
+    reboot_into_profile(&s);
+    let after = s.run(&["run"]);
+    assert_eq!(after.code, 0, "{after:?}");
+    assert!(after.stderr.contains("nothing to do"), "{after:?}");
+    assert_eq!(s.reboot_requests().len(), 1, "no second reboot");
+    assert_eq!(
+        s.call_lines()
+            .iter()
+            .filter(|l| l.starts_with("fh apply"))
+            .count(),
+        1,
+        "not re-applied"
+    );
+    assert_eq!(s.state()["last-run"]["reboot"]["needed"], false);
+}
+
+/// The machine came back on the old kernel (the boot loader did not take
+/// the new system): asking again would loop, so the agent does not.
+#[test]
+fn a_reboot_that_did_not_take_is_not_requested_again() {
+    let mut s = scenario(&format!("flake = \"{REF_NEW_KERNEL}\""));
+    s.with_bus(true, false);
+    assert_eq!(s.run(&["run"]).code, 0);
+    let again = s.run(&["run"]);
+    assert_eq!(again.code, 0, "{again:?}");
+    assert_eq!(s.reboot_requests().len(), 1);
+    assert!(
+        again
+            .stderr
+            .contains("was already requested; not rebooting again"),
+        "{again:?}"
+    );
+}
+
+#[test]
+fn without_logind_systemd_starts_reboot_target() {
+    let mut s = scenario(&format!("flake = \"{REF_NEW_KERNEL}\""));
+    s.with_bus(false, true);
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(
+        s.reboot_requests(),
+        ["systemd1.StartUnit(reboot.target, replace-irreversibly)"]
+    );
+    assert!(
+        out.stderr.contains("reboot requested from systemd"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn no_bus_fails_and_the_next_run_asks_again() {
+    let mut s = scenario(&format!("flake = \"{REF_NEW_KERNEL}\""));
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("reboot: cannot connect to the system D-Bus"),
+        "{out:?}"
+    );
+    let r = &s.state()["last-run"]["reboot"];
+    assert_eq!(
+        (r["needed"].as_bool(), r["requested"].as_bool()),
+        (Some(true), Some(false)),
+        "{r}"
+    );
+
+    s.with_bus(true, false);
+    let retry = s.run(&["run"]);
+    assert_eq!(retry.code, 0, "{retry:?}");
+    assert_eq!(s.reboot_requests(), ["login1.Reboot(false)"]);
+    assert_eq!(
+        s.call_lines()
+            .iter()
+            .filter(|l| l.starts_with("fh apply"))
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn policies() {
+    // never: the need is recorded, nothing is asked.
+    let mut s = scenario(&format!("flake = \"{REF_NEW_KERNEL}\"\nreboot = \"never\""));
+    s.with_bus(true, true);
+    assert_eq!(s.run(&["run"]).code, 0);
+    assert!(s.reboot_requests().is_empty());
+    assert!(
+        s.state()["last-run"]["reboot"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("reboot = never (kernel")
+    );
+
+    // always: after a run that changed the system, and only then.
+    let mut s = scenario(&format!("flake = \"{REF}\"\nreboot = \"always\""));
+    s.with_bus(true, true);
+    assert_eq!(s.run(&["run"]).code, 0);
+    assert_eq!(s.reboot_requests().len(), 1);
+    reboot_into_profile(&s);
+    assert_eq!(s.run(&["run"]).code, 0);
+    assert_eq!(s.reboot_requests().len(), 1);
+
+    // if-needed, same kernel: no reboot.
+    let mut s = scenario(&format!("flake = \"{REF}\""));
+    s.with_bus(true, true);
+    assert_eq!(s.run(&["run"]).code, 0);
+    assert!(s.reboot_requests().is_empty());
+    assert_eq!(s.state()["last-run"]["reboot"]["needed"], false);
+
+    // test never reboots (a reboot would undo it).
+    let mut s = scenario(&format!(
+        "flake = \"{REF_NEW_KERNEL}\"\naction = \"test\"\nreboot = \"always\""
+    ));
+    s.with_bus(true, true);
+    assert_eq!(s.run(&["run"]).code, 0);
+    assert!(s.reboot_requests().is_empty());
+}
