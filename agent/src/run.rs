@@ -152,8 +152,8 @@ pub async fn resolve_target(
     Span::current().record("ssm_parameter", name.as_str());
     notify::status(&format!("reading SSM parameter {}", name.as_str()));
     tracing::info!(ssm_parameter = name.as_str(), region = %region, "reading SSM parameter {}", name.as_str());
-    let p = Ssm::new(&region, endpoint, backoff)
-        .await
+    let p = Ssm::new(&name, &region, endpoint, backoff)
+        .await?
         .get(&name)
         .await?;
     let source = Source::SsmParameter {

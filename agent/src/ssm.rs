@@ -59,6 +59,12 @@ pub enum SsmError {
         region: String,
         message: String,
     },
+    #[error(
+        "no CA certificates found ({detail}): the agent cannot verify AWS's TLS certificates to read \
+         SSM parameter {name}; install CA certificates (NixOS: security.pki), or point SSL_CERT_FILE \
+         at a bundle"
+    )]
+    NoCaCertificates { name: String, detail: String },
     #[error("SSM parameter {name} in {region}: gave up after {attempts} attempts in {:.1}s: {last}", elapsed.as_secs_f64())]
     Exhausted {
         name: String,
@@ -97,7 +103,26 @@ impl Ssm {
     /// SDK's instance-role provider so both clients talk to the same place.
     /// The SSM endpoint follows the SDK's `AWS_ENDPOINT_URL_SSM` /
     /// `AWS_ENDPOINT_URL`.
-    pub async fn new(region: &str, imds_endpoint: &str, backoff: Backoff) -> Self {
+    pub async fn new(
+        name: &ParameterName,
+        region: &str,
+        imds_endpoint: &str,
+        backoff: Backoff,
+    ) -> Result<Self, SsmError> {
+        // The SDK's TLS set-up loads the same roots, and without any it
+        // fails only at the first request, with an opaque certificate
+        // error (or a panic in debug builds).
+        let roots = rustls_native_certs::load_native_certs();
+        if roots.certs.is_empty() {
+            let detail = match roots.errors.first() {
+                Some(e) => e.to_string(),
+                None => "the system's certificate store is empty".into(),
+            };
+            return Err(SsmError::NoCaCertificates {
+                name: name.as_str().to_owned(),
+                detail,
+            });
+        }
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(Provider::Rustls(CryptoMode::Ring))
             .build_https();
@@ -131,11 +156,11 @@ impl Ssm {
             .timeout_config(timeouts)
             .load()
             .await;
-        Self {
+        Ok(Self {
             client: aws_sdk_ssm::Client::new(&sdk),
             region: region.to_string(),
             backoff,
-        }
+        })
     }
 
     pub async fn get(&self, name: &ParameterName) -> Result<Parameter, SsmError> {

@@ -101,7 +101,18 @@ impl ImdsDouble {
     /// Serves on `listener` (already bound, so the port is known before the
     /// server starts), after `delay`: until then connections are refused.
     pub fn start(rt: &tokio::runtime::Runtime, imds: Imds, delay: Duration) -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        Self::start_at(rt, "127.0.0.1:0".parse().unwrap(), imds, delay)
+    }
+
+    /// On a given address: `169.254.169.254:80` inside a container's
+    /// private network.
+    pub fn start_at(
+        rt: &tokio::runtime::Runtime,
+        addr: SocketAddr,
+        imds: Imds,
+        delay: Duration,
+    ) -> Self {
+        let listener = std::net::TcpListener::bind(addr).expect("bind the IMDS double");
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(imds));
         let drop_connections = Arc::new(AtomicU32::new(0));

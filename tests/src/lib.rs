@@ -5,10 +5,12 @@
 //! - [`ssm`]: `AmazonSSM.GetParameter` over the AWS JSON 1.1 protocol;
 //! - [`standin`]: the `fh` and `determinate-nixd` stand-ins (the
 //!   `fake-fh` and `fake-determinate-nixd` binaries) that record argv;
+//! - [`container`]: boot tests under systemd in `systemd-nspawn`;
 //! - [`dbus`]: a private bus with logind and systemd doubles for reboots;
 //! - [`harness`]: one temp dir per scenario with config, system links and
 //!   doubles, and a way to run the agent in it.
 
+pub mod container;
 pub mod dbus;
 pub mod harness;
 pub mod imds;

@@ -74,6 +74,10 @@ impl Request {
 #[derive(Debug, Default)]
 pub struct Ssm {
     pub params: HashMap<String, Param>,
+    /// Parameters not in `params` are read, at each request, from
+    /// `DIR/<name without leading />.json` (`{"type", "value", "version"}`),
+    /// so a test can change a parameter while the agent runs.
+    pub params_dir: Option<std::path::PathBuf>,
     pub faults: VecDeque<Fault>,
     /// Every request is throttled (for budget exhaustion).
     pub always_throttle: bool,
@@ -87,7 +91,11 @@ pub struct SsmDouble {
 
 impl SsmDouble {
     pub fn start(rt: &tokio::runtime::Runtime, ssm: Ssm) -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        Self::start_at(rt, "127.0.0.1:0".parse().unwrap(), ssm)
+    }
+
+    pub fn start_at(rt: &tokio::runtime::Runtime, addr: SocketAddr, ssm: Ssm) -> Self {
+        let listener = std::net::TcpListener::bind(addr).expect("bind the SSM double");
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(ssm));
@@ -197,7 +205,25 @@ fn answer(s: &Ssm, r: &Request) -> Response {
     let Some(name) = r.name() else {
         return error(400, "ValidationException", "Name is required");
     };
-    match s.params.get(name) {
+    let from_dir = || -> Option<Param> {
+        let path = s
+            .params_dir
+            .as_ref()?
+            .join(format!("{}.json", name.trim_start_matches('/')));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+        let kind = if v["type"] == "SecureString" {
+            "SecureString"
+        } else {
+            "String"
+        };
+        Some(Param {
+            kind,
+            value: v["value"].as_str()?.to_owned(),
+            version: v["version"].as_i64()?,
+        })
+    };
+    match s.params.get(name).cloned().or_else(from_dir) {
         Some(p) => json(
             200,
             serde_json::json!({"Parameter": {

@@ -9,6 +9,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub const DIR_ENV: &str = "STANDIN_DIR";
+/// Where the stand-ins keep their files when `STANDIN_DIR` is unset (in
+/// the boot-test containers, where the unit's environment is the real one).
+pub const DEFAULT_DIR: &str = "/var/lib/standin";
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -32,6 +35,7 @@ pub struct Behaviour {
     pub resolve: Mode,
     pub resolve_fail_times: u32,
     pub apply: Mode,
+    pub apply_fail_times: u32,
     /// Output ref → store path `fh resolve` prints.
     pub store_paths: HashMap<String, PathBuf>,
     pub current_system: PathBuf,
@@ -114,7 +118,7 @@ fn point(link: &Path, to: &Path) {
 }
 
 fn setup() -> (PathBuf, Vec<String>, Behaviour) {
-    let dir = PathBuf::from(std::env::var_os(DIR_ENV).expect("STANDIN_DIR is set"));
+    let dir = PathBuf::from(std::env::var_os(DIR_ENV).unwrap_or_else(|| DEFAULT_DIR.into()));
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let b = read_behaviour(&dir);
     (dir, argv, b)
@@ -183,6 +187,10 @@ pub fn fh_main() -> ! {
                 eprintln!("error: no such flake output {reference}");
                 std::process::exit(1);
             };
+            if bump(&dir, "apply") <= b.apply_fail_times {
+                eprintln!("error: building the system failed (stand-in: transient)");
+                std::process::exit(1);
+            }
             match b.apply {
                 Mode::Hang => hang(),
                 Mode::Fail => {

@@ -339,3 +339,25 @@ fn no_instance_role_is_tempfail_after_the_budget() {
     assert!(out.stderr.to_lowercase().contains("credentials"), "{out:?}");
     assert!(s.ssm.with(|x| x.requests.is_empty()));
 }
+
+/// A system without CA certificates cannot verify AWS: a clear, permanent
+/// error before any request (the SDK alone fails late and opaquely).
+#[test]
+fn no_ca_certificates_is_a_clear_permanent_error() {
+    let mut s = scenario(PARAM, Param::string(REF, 1));
+    std::fs::create_dir_all(s.path("no-certs")).unwrap();
+    s.env.push((
+        "SSL_CERT_FILE".into(),
+        s.path("empty").display().to_string(),
+    ));
+    s.env.push((
+        "SSL_CERT_DIR".into(),
+        s.path("no-certs").display().to_string(),
+    ));
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 69, "{out:?}");
+    assert!(out.stderr.contains("no CA certificates found"), "{out:?}");
+    assert!(!out.stderr.contains("panicked"), "{out:?}");
+    assert!(s.ssm.with(|x| x.requests.is_empty()));
+    assert!(s.calls().is_empty());
+}

@@ -1,0 +1,502 @@
+//! Boot tests: a Debian rootfs with systemd as PID 1, booted with
+//! `systemd-nspawn --private-network`, one overlay per scenario. Inside:
+//! the repository's unit files (only `@bindir@` substituted), the agent,
+//! the stand-ins, and the doubles on the container's own loopback, where
+//! 169.254.169.254 exists only for it. Everything is asserted from outside
+//! after the container powered off: files, the persistent journal, and the
+//! `systemctl status`/`show` a reporter unit wrote before powering off.
+
+use crate::harness::workspace_bin;
+use crate::standin::{Behaviour, Call};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub const REF: &str = "my-org/web/0.1#nixosConfigurations.web";
+/// Resolves to a system with another kernel: `if-needed` reboots.
+pub const REF_NEW_KERNEL: &str = "my-org/web/0.2#nixosConfigurations.web";
+/// Resolves to a third system with the booted kernel.
+pub const REF_NEXT: &str = "my-org/web/0.3#nixosConfigurations.web";
+pub const INSTANCE_ID: &str = "i-0c0ffee0c0ffee000";
+const FAKE: &str = "/var/lib/fake-nixos";
+
+/// Why the boot tests cannot run here, if they cannot.
+pub fn unavailable() -> Option<String> {
+    if !nix_is_root() {
+        return Some("not root (overlay mounts and systemd-nspawn need root)".into());
+    }
+    for tool in ["systemd-nspawn", "journalctl", "debootstrap"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            return Some(format!(
+                "{tool} is missing (Debian: systemd-container, debootstrap)"
+            ));
+        }
+    }
+    None
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+/// The cached rootfs, built by `tests/containers/rootfs.sh` when missing.
+pub fn rootfs() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("containers/rootfs.sh");
+    let out = Command::new(&script).output().expect("run rootfs.sh");
+    assert!(
+        out.status.success(),
+        "rootfs.sh failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+pub struct Container {
+    dir: tempfile::TempDir,
+    pub root: PathBuf,
+    mounted: bool,
+    pub behaviour: Behaviour,
+    /// Boots so far (an nspawn exit of 133 is a reboot, and boots again).
+    pub boots: u32,
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg(&self.root).status();
+        }
+    }
+}
+
+fn unit_text(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../agent/systemd")
+        .join(name);
+    std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("@bindir@", "/usr/local/bin")
+}
+
+impl Container {
+    /// A fresh machine (overlay over the cached rootfs) with the agent
+    /// installed and enabled, the doubles, a fake NixOS system layout, and
+    /// the reporter.
+    pub fn new(user_data: Option<&[u8]>) -> Self {
+        let lower = rootfs();
+        let base = Path::new("/var/tmp");
+        let dir = tempfile::Builder::new()
+            .prefix("nixos-ami-agent-boot.")
+            .tempdir_in(base)
+            .unwrap();
+        let root = dir.path().join("merged");
+        for d in ["upper", "work", "merged"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            dir.path().join("upper").display(),
+            dir.path().join("work").display()
+        );
+        let ok = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(&root)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "overlay mount failed");
+        let mut c = Self {
+            dir,
+            root,
+            mounted: true,
+            behaviour: Behaviour::default(),
+            boots: 0,
+        };
+        c.setup(user_data);
+        c
+    }
+
+    /// Unique per container: nspawn keeps per-machine state by name.
+    fn name(&self) -> String {
+        let dir = self.dir.path().file_name().unwrap().to_string_lossy();
+        format!(
+            "agent-{}",
+            dir.rsplit('.')
+                .next()
+                .unwrap_or("boot")
+                .to_ascii_lowercase()
+        )
+    }
+
+    pub fn path(&self, inside: &str) -> PathBuf {
+        self.root.join(inside.trim_start_matches('/'))
+    }
+
+    pub fn write(&self, inside: &str, contents: impl AsRef<[u8]>) {
+        let p = self.path(inside);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, contents).unwrap();
+    }
+
+    fn executable(&self, inside: &str, contents: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        self.write(inside, contents);
+        std::fs::set_permissions(self.path(inside), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+    }
+
+    fn enable(&self, unit: &str, target: &str) {
+        let wants = self.path(&format!("/etc/systemd/system/{target}.wants"));
+        std::fs::create_dir_all(&wants).unwrap();
+        let _ = std::fs::remove_file(wants.join(unit));
+        std::os::unix::fs::symlink(format!("/etc/systemd/system/{unit}"), wants.join(unit))
+            .unwrap();
+    }
+
+    fn setup(&mut self, user_data: Option<&[u8]>) {
+        // The repository's units, as packaged.
+        self.write(
+            "/etc/systemd/system/nixos-ami-agent.service",
+            unit_text("nixos-ami-agent.service"),
+        );
+        self.write(
+            "/etc/systemd/system/nixos-ami-agent.timer",
+            unit_text("nixos-ami-agent.timer"),
+        );
+        self.write(
+            "/usr/lib/systemd/system-preset/80-nixos-ami-agent.preset",
+            unit_text("80-nixos-ami-agent.preset"),
+        );
+        self.enable("nixos-ami-agent.service", "multi-user.target");
+        // What the test environment adds: the SSM double's endpoint.
+        // Credentials come from the instance role, through IMDS, as on EC2.
+        self.write(
+            "/etc/systemd/system/nixos-ami-agent.service.d/test-endpoints.conf",
+            "[Unit]\nAfter=doubles.service fake-nixos-boot.service\n\n\
+             [Service]\nEnvironment=AWS_ENDPOINT_URL_SSM=http://127.0.0.1:4566\n",
+        );
+        self.write(
+            "/etc/nixos-ami-agent/config.toml",
+            format!(
+                "[agent]\nfh = \"/usr/local/bin/fh\"\ndeterminate-nixd = \"/usr/local/bin/determinate-nixd\"\n\
+                 current-system = \"{FAKE}/current-system\"\nbooted-system = \"{FAKE}/booted-system\"\n\
+                 system-profile = \"{FAKE}/profile\"\nretry-budget = \"30s\"\n"
+            ),
+        );
+
+        // The doubles, on the container's private loopback.
+        if let Some(ud) = user_data {
+            self.write("/etc/doubles/user-data", ud);
+        }
+        self.write_doubles_config(0);
+        self.write(
+            "/etc/systemd/system/doubles.service",
+            "[Unit]\nDescription=IMDS and SSM test doubles\nDefaultDependencies=no\nAfter=local-fs.target\n\n\
+             [Service]\nExecStartPre=/usr/sbin/ip addr add 169.254.169.254/32 dev lo\n\
+             ExecStart=/usr/local/bin/nixos-ami-agent-doubles /etc/doubles/config.json\n\n\
+             [Install]\nWantedBy=multi-user.target\n",
+        );
+        self.enable("doubles.service", "multi-user.target");
+
+        // A NixOS-like system layout: store paths with kernel, initrd and
+        // modules; at each boot the boot default becomes the booted and
+        // the running system, as NixOS's stage 2 does.
+        for (system, kernel) in [
+            ("old-system", "1"),
+            ("new-system", "1"),
+            ("kernel-system", "2"),
+            ("next-system", "1"),
+        ] {
+            let s = format!("{FAKE}/store/{system}");
+            std::fs::create_dir_all(self.path(&s)).unwrap();
+            for (name, target) in [
+                ("kernel", format!("kernel-{kernel}")),
+                ("initrd", format!("initrd-{kernel}")),
+                ("kernel-modules", "modules-1".into()),
+            ] {
+                std::fs::create_dir_all(self.path(&format!("{FAKE}/store/{target}"))).unwrap();
+                std::os::unix::fs::symlink(
+                    format!("{FAKE}/store/{target}"),
+                    self.path(&format!("{s}/{name}")),
+                )
+                .unwrap();
+            }
+        }
+        std::os::unix::fs::symlink(
+            format!("{FAKE}/store/old-system"),
+            self.path(&format!("{FAKE}/profile")),
+        )
+        .unwrap();
+        self.write(
+            "/etc/systemd/system/fake-nixos-boot.service",
+            format!(
+                "[Unit]\nDescription=Point booted-system and current-system at the boot default\n\
+                 DefaultDependencies=no\nAfter=local-fs.target\n\n\
+                 [Service]\nType=oneshot\n\
+                 ExecStart=/bin/sh -c 'ln -sfn $(readlink -f {FAKE}/profile) {FAKE}/booted-system && \
+                 ln -sfn $(readlink -f {FAKE}/profile) {FAKE}/current-system'\n\n\
+                 [Install]\nWantedBy=multi-user.target\n"
+            ),
+        );
+        self.enable("fake-nixos-boot.service", "multi-user.target");
+        for (r, system) in [
+            (REF, "new-system"),
+            (REF_NEW_KERNEL, "kernel-system"),
+            (REF_NEXT, "next-system"),
+        ] {
+            self.behaviour
+                .store_paths
+                .insert(r.into(), format!("{FAKE}/store/{system}").into());
+        }
+        self.behaviour.current_system = format!("{FAKE}/current-system").into();
+        self.behaviour.system_profile = format!("{FAKE}/profile").into();
+
+        // The reporter: once the agent's unit has settled (and the
+        // scenario's extra condition holds), it records `systemctl status`
+        // and `show`, then powers off, unless a reboot is already queued.
+        self.executable(
+            "/usr/local/bin/test-report",
+            r#"#!/bin/sh
+u=nixos-ami-agent.service
+out=/var/lib/test-report/$(tr -d - < /proc/sys/kernel/random/boot_id)
+mkdir -p /var/lib/test-report
+settled() {
+  # One call, so one consistent snapshot of the unit from PID 1.
+  snap=$(systemctl show -p ActiveState -p Job -p ExecMainStartTimestampMonotonic $u)
+  echo "$snap" | grep -qE '^ActiveState=(inactive|failed)$' || return 1
+  echo "$snap" | grep -qE '^Job=.+' && return 1
+  echo "$snap" | grep -qE '^ExecMainStartTimestampMonotonic=0?$' && return 1
+  [ ! -x /etc/test-scenario/wait-for ] || /etc/test-scenario/wait-for
+}
+# Settled twice in a row, half a second apart: no restart pending.
+while :; do
+  if settled; then
+    sleep 0.5
+    settled && break
+  fi
+  sleep 0.2
+done
+systemctl status $u --no-pager --lines=0 > "$out.status" 2>&1
+systemctl show $u > "$out.show"
+if ! systemctl list-jobs --no-legend | grep -qE 'reboot.target|poweroff.target'; then
+  systemctl poweroff
+fi
+"#,
+        );
+        self.write(
+            "/etc/systemd/system/test-report.service",
+            "[Unit]\nDescription=Report on nixos-ami-agent and power off\n\n\
+             [Service]\nExecStart=/usr/local/bin/test-report\n\n[Install]\nWantedBy=multi-user.target\n",
+        );
+        self.enable("test-report.service", "multi-user.target");
+    }
+
+    pub fn write_doubles_config(&self, imds_delay_ms: u64) {
+        let config = serde_json::json!({
+            "imds": "169.254.169.254:80",
+            "ssm": "127.0.0.1:4566",
+            "imds_delay_ms": imds_delay_ms,
+            "instance_id": INSTANCE_ID,
+            "region": "eu-west-1",
+            "role": "web-fleet-role",
+            "user_data_file": self.path("/etc/doubles/user-data").exists().then_some("/etc/doubles/user-data"),
+            "params_dir": "/etc/doubles/params",
+        });
+        self.write("/etc/doubles/config.json", config.to_string());
+    }
+
+    /// Sets an SSM parameter (re-read by the double at each request).
+    pub fn set_parameter(&self, name: &str, value: &str, version: i64) {
+        let v = serde_json::json!({"type": "String", "value": value, "version": version});
+        self.write(
+            &format!("/etc/doubles/params/{}.json", name.trim_start_matches('/')),
+            v.to_string(),
+        );
+    }
+
+    /// A condition the reporter waits for besides the unit settling.
+    pub fn wait_for(&self, shell: &str) {
+        self.executable(
+            "/etc/test-scenario/wait-for",
+            &format!("#!/bin/sh\n{shell}\n"),
+        );
+    }
+
+    pub fn enable_timer(&self, interval: &str, delay: &str) {
+        self.write(
+            "/etc/systemd/system/nixos-ami-agent.timer.d/interval.conf",
+            format!("[Timer]\nOnUnitInactiveSec=\nOnUnitInactiveSec={interval}\nRandomizedDelaySec={delay}\n"),
+        );
+        self.enable("nixos-ami-agent.timer", "timers.target");
+    }
+
+    /// Boots until the container powers off (following reboots), with
+    /// `during` called while it runs. Returns nspawn's last exit status.
+    pub fn boot(&mut self, limit: Duration, mut during: impl FnMut(&Container)) -> i32 {
+        let standin = self.path(crate::standin::DEFAULT_DIR);
+        std::fs::create_dir_all(&standin).unwrap();
+        crate::standin::write_behaviour(&standin, &self.behaviour);
+        let start = Instant::now();
+        loop {
+            self.boots += 1;
+            let bin = |name: &str, inside: &str| {
+                format!("--bind-ro={}:{inside}", workspace_bin(name).display())
+            };
+            let log =
+                std::fs::File::create(self.dir.path().join(format!("console-{}.log", self.boots)))
+                    .unwrap();
+            let mut child = Command::new("systemd-nspawn")
+                .args([
+                    "--quiet",
+                    "--boot",
+                    "--register=no",
+                    "--keep-unit",
+                    "--private-network",
+                    "--console=passive",
+                ])
+                .arg(format!("--machine={}", self.name()))
+                .arg("-D")
+                .arg(&self.root)
+                .arg(bin("nixos-ami-agent", "/usr/local/bin/nixos-ami-agent"))
+                .arg(bin("fake-fh", "/usr/local/bin/fh"))
+                .arg(bin(
+                    "fake-determinate-nixd",
+                    "/usr/local/bin/determinate-nixd",
+                ))
+                .arg(bin(
+                    "nixos-ami-agent-doubles",
+                    "/usr/local/bin/nixos-ami-agent-doubles",
+                ))
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("systemd-nspawn starts");
+            let status = loop {
+                if let Some(s) = child.try_wait().unwrap() {
+                    break s;
+                }
+                if start.elapsed() > limit {
+                    // SIGTERM: nspawn asks the container to shut down.
+                    let _ = Command::new("kill").arg(child.id().to_string()).status();
+                    std::thread::sleep(Duration::from_secs(5));
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "the container did not power off within {limit:?}:\n{}\n--- agent journal\n{}",
+                        self.console(),
+                        self.journal_text()
+                    );
+                }
+                during(self);
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let code = status.code().unwrap_or(-1);
+            if code != 133 || self.boots >= 5 {
+                return code;
+            }
+        }
+    }
+
+    pub fn console(&self) -> String {
+        (1..=self.boots)
+            .map(|b| {
+                std::fs::read_to_string(self.dir.path().join(format!("console-{b}.log")))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n--- reboot ---\n")
+    }
+
+    /// The agent unit's journal entries, all boots, as JSON objects.
+    pub fn journal(&self) -> Vec<serde_json::Value> {
+        let out = Command::new("journalctl")
+            .arg("-D")
+            .arg(self.path("/var/log/journal"))
+            .args(["-o", "json", "--no-pager", "-u", "nixos-ami-agent.service"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// `MESSAGE` lines of the agent's journal, for failure output.
+    pub fn journal_text(&self) -> String {
+        self.journal()
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} {}",
+                    e["_BOOT_ID"]
+                        .as_str()
+                        .unwrap_or("?")
+                        .get(..8)
+                        .unwrap_or("?"),
+                    e["MESSAGE"].as_str().unwrap_or("")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn boot_ids(&self) -> Vec<String> {
+        let out = Command::new("journalctl")
+            .arg("-D")
+            .arg(self.path("/var/log/journal"))
+            .args(["--list-boots", "--no-pager", "-o", "json"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|b| b["boot_id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The reporter's `systemctl status` and `show` for one boot.
+    pub fn report(&self, boot_id: &str) -> (String, String) {
+        let read = |ext: &str| {
+            std::fs::read_to_string(self.path(&format!("/var/lib/test-report/{boot_id}.{ext}")))
+                .unwrap_or_default()
+        };
+        (read("status"), read("show"))
+    }
+
+    pub fn show(&self, boot_id: &str, key: &str) -> String {
+        let (_, show) = self.report(boot_id);
+        show.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        crate::standin::calls(&self.path(crate::standin::DEFAULT_DIR))
+    }
+
+    pub fn call_lines(&self) -> Vec<String> {
+        self.calls()
+            .iter()
+            .map(|c| format!("{} {}", c.prog, c.argv.join(" ")))
+            .collect()
+    }
+
+    pub fn state(&self) -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(self.path("/var/lib/nixos-ami-agent/state.json"))
+                .unwrap_or_default(),
+        )
+        .unwrap_or_default()
+    }
+}

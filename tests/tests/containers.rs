@@ -1,0 +1,296 @@
+//! Boot tests: the agent under a real systemd (PID 1 in a systemd-nspawn
+//! container), started by the repository's unit files. Ignored by plain
+//! `cargo test` (they need root, systemd-nspawn and a Debian rootfs);
+//! `scripts/test` runs them with `--ignored` when the machine allows and
+//! says loudly when it does not.
+
+use nixos_ami_agent_tests::container::{
+    Container, INSTANCE_ID, REF, REF_NEW_KERNEL, REF_NEXT, unavailable,
+};
+use nixos_ami_agent_tests::harness::toml_user_data;
+use std::time::Duration;
+
+const APPLIED: &str = "3f88d658b85143fcbb03f62a0a791e73";
+const NOTHING_TO_DO: &str = "9e9b458c8dc141e9a75f3eb338906dc8";
+const FAILED: &str = "07dbe6e6e7384bc8a3aedd0784ddc7c8";
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn skip() -> bool {
+    if let Some(why) = unavailable() {
+        eprintln!("SKIPPED: container boot tests cannot run here: {why}");
+        return true;
+    }
+    false
+}
+
+fn events<'a>(journal: &'a [serde_json::Value], id: &str) -> Vec<&'a serde_json::Value> {
+    journal.iter().filter(|e| e["MESSAGE_ID"] == id).collect()
+}
+
+fn field<'a>(e: &'a serde_json::Value, key: &str) -> &'a str {
+    e[key].as_str().unwrap_or("")
+}
+
+#[test]
+#[ignore = "boots containers: needs root and systemd-nspawn (scripts/test runs it)"]
+fn first_boot_applies_then_second_boot_finds_nothing_to_do() {
+    if skip() {
+        return;
+    }
+    let mut c = Container::new(Some(&toml_user_data(&format!("flake = \"{REF}\""))));
+    let code = c.boot(LIMIT, |_| {});
+    assert_eq!(code, 0, "{}", c.console());
+    assert_eq!(
+        c.call_lines(),
+        [
+            "determinate-nixd login aws".to_owned(),
+            format!("fh resolve --json {REF}"),
+            format!("fh apply nixos {REF} switch"),
+        ],
+        "{}",
+        c.journal_text()
+    );
+    let boots = c.boot_ids();
+    assert_eq!(boots.len(), 1);
+    assert_eq!(
+        c.show(&boots[0], "Result"),
+        "success",
+        "{}",
+        c.report(&boots[0]).0
+    );
+    assert_eq!(c.show(&boots[0], "ExecMainStatus"), "0");
+    let journal = c.journal();
+    let applied = events(&journal, APPLIED);
+    assert_eq!(applied.len(), 1, "{}", c.journal_text());
+    let e = applied[0];
+    assert_eq!(field(e, "INSTANCE_ID"), INSTANCE_ID);
+    assert_eq!(field(e, "FLAKE_REF"), REF);
+    assert_eq!(
+        field(e, "STORE_PATH"),
+        "/var/lib/fake-nixos/store/new-system"
+    );
+    assert_eq!(field(e, "SYSLOG_IDENTIFIER"), "nixos-ami-agent");
+    let fh_lines: Vec<_> = journal
+        .iter()
+        .filter(|e| field(e, "STEP") == "apply" && field(e, "STREAM") == "stderr")
+        .collect();
+    assert!(
+        fh_lines
+            .iter()
+            .any(|e| field(e, "MESSAGE").starts_with("applying ")),
+        "fh's output lands in the journal tagged with its step:\n{}",
+        c.journal_text()
+    );
+    println!(
+        "systemctl status after the first boot:\n{}",
+        c.report(&boots[0]).0
+    );
+
+    // Second boot of the same instance.
+    let code = c.boot(LIMIT, |_| {});
+    assert_eq!(code, 0, "{}", c.console());
+    assert_eq!(
+        c.call_lines()
+            .iter()
+            .filter(|l| l.starts_with("fh apply"))
+            .count(),
+        1,
+        "not re-applied"
+    );
+    let journal = c.journal();
+    let boots = c.boot_ids();
+    assert_eq!(boots.len(), 2);
+    let nothing: Vec<_> = events(&journal, NOTHING_TO_DO)
+        .into_iter()
+        .filter(|e| field(e, "_BOOT_ID") == boots[1])
+        .collect();
+    assert_eq!(nothing.len(), 1, "{}", c.journal_text());
+    assert!(
+        field(nothing[0], "MESSAGE")
+            .contains("nothing to do: the running system and the boot default are already")
+    );
+    assert_eq!(c.show(&boots[1], "Result"), "success");
+}
+
+#[test]
+#[ignore = "boots containers: needs root and systemd-nspawn (scripts/test runs it)"]
+fn bad_user_data_fails_with_65_and_is_not_restarted() {
+    if skip() {
+        return;
+    }
+    let mut c = Container::new(Some(&toml_user_data(
+        "flake = \"my-org/web/0.1#x\"\naction = \"swtich\"",
+    )));
+    assert_eq!(c.boot(LIMIT, |_| {}), 0, "{}", c.console());
+    let boot = &c.boot_ids()[0];
+    assert_eq!(c.show(boot, "Result"), "exit-code", "{}", c.report(boot).0);
+    assert_eq!(c.show(boot, "ExecMainStatus"), "65");
+    assert_eq!(
+        c.show(boot, "NRestarts"),
+        "0",
+        "65 is permanent: RestartPreventExitStatus"
+    );
+    assert!(c.calls().is_empty(), "{:?}", c.calls());
+    let journal = c.journal();
+    let failed = events(&journal, FAILED);
+    assert_eq!(failed.len(), 1, "{}", c.journal_text());
+    assert!(
+        field(failed[0], "MESSAGE").contains("user data: key `action`"),
+        "{}",
+        c.journal_text()
+    );
+    assert_eq!(field(failed[0], "EXIT_CODE"), "65");
+    assert_eq!(field(failed[0], "INSTANCE_ID"), INSTANCE_ID);
+    assert!(
+        c.report(boot)
+            .0
+            .contains("Status: \"failed: user data: key `action`"),
+        "{}",
+        c.report(boot).0
+    );
+}
+
+#[test]
+#[ignore = "boots containers: needs root and systemd-nspawn (scripts/test runs it)"]
+fn imds_late_by_seconds_is_waited_for() {
+    if skip() {
+        return;
+    }
+    let mut c = Container::new(Some(&toml_user_data(&format!("flake = \"{REF}\""))));
+    c.write_doubles_config(4000);
+    assert_eq!(c.boot(LIMIT, |_| {}), 0, "{}", c.console());
+    let boot = &c.boot_ids()[0];
+    assert_eq!(c.show(boot, "Result"), "success", "{}", c.journal_text());
+    assert_eq!(
+        c.show(boot, "NRestarts"),
+        "0",
+        "waited within the run, no restart"
+    );
+    assert_eq!(
+        events(&c.journal(), APPLIED).len(),
+        1,
+        "{}",
+        c.journal_text()
+    );
+    assert!(
+        c.journal_text().contains("cannot connect"),
+        "{}",
+        c.journal_text()
+    );
+}
+
+#[test]
+#[ignore = "boots containers: needs root and systemd-nspawn (scripts/test runs it)"]
+fn fh_failing_twice_is_restarted_by_systemd_and_succeeds() {
+    if skip() {
+        return;
+    }
+    let mut c = Container::new(Some(&toml_user_data(&format!("flake = \"{REF}\""))));
+    c.behaviour.apply_fail_times = 2;
+    assert_eq!(c.boot(LIMIT, |_| {}), 0, "{}", c.console());
+    let boot = &c.boot_ids()[0];
+    let (status, show) = c.report(boot);
+    assert_eq!(
+        c.show(boot, "NRestarts"),
+        "2",
+        "{status}\n{show}\n{}",
+        c.journal_text()
+    );
+    assert_eq!(c.show(boot, "Result"), "success", "{}", c.report(boot).0);
+    let journal = c.journal();
+    assert_eq!(events(&journal, FAILED).len(), 2, "{}", c.journal_text());
+    assert_eq!(events(&journal, APPLIED).len(), 1);
+    assert_eq!(
+        c.call_lines()
+            .iter()
+            .filter(|l| l.starts_with("fh apply"))
+            .count(),
+        3
+    );
+}
+
+#[test]
+#[ignore = "boots containers: needs root and systemd-nspawn (scripts/test runs it)"]
+fn new_kernel_reboots_and_the_next_boot_finds_it_done() {
+    if skip() {
+        return;
+    }
+    let mut c = Container::new(Some(&toml_user_data(&format!(
+        "flake = \"{REF_NEW_KERNEL}\""
+    ))));
+    assert_eq!(c.boot(LIMIT, |_| {}), 0, "{}", c.console());
+    assert_eq!(
+        c.boots,
+        2,
+        "the container rebooted once:\n{}",
+        c.journal_text()
+    );
+    let boots = c.boot_ids();
+    assert_eq!(boots.len(), 2);
+    let journal = c.journal();
+    let on = |boot: &str, id: &str| {
+        events(&journal, id)
+            .into_iter()
+            .filter(|e| field(e, "_BOOT_ID") == boot)
+            .count()
+    };
+    assert_eq!(on(&boots[0], APPLIED), 1, "{}", c.journal_text());
+    assert!(
+        c.journal_text().contains("reboot requested from logind"),
+        "{}",
+        c.journal_text()
+    );
+    assert_eq!(on(&boots[1], NOTHING_TO_DO), 1, "{}", c.journal_text());
+    assert_eq!(
+        c.call_lines()
+            .iter()
+            .filter(|l| l.starts_with("fh apply"))
+            .count(),
+        1,
+        "not re-applied"
+    );
+    assert_eq!(c.show(&boots[1], "Result"), "success");
+    let state = c.state();
+    assert_eq!(state["last-run"]["outcome"], "unchanged");
+    assert_eq!(state["last-applied"]["reboot"]["requested"], true);
+    assert_eq!(state["last-run"]["reboot"]["needed"], false, "{state}");
+}
+
+#[test]
+#[ignore = "boots containers: needs root and systemd-nspawn (scripts/test runs it)"]
+fn timer_applies_a_changed_ssm_parameter() {
+    if skip() {
+        return;
+    }
+    let mut c = Container::new(Some(&toml_user_data("ssm-parameter = \"/fleets/web\"")));
+    c.set_parameter("/fleets/web", REF, 1);
+    c.enable_timer("2s", "1s");
+    c.wait_for("grep -q '\"store-path\": \"/var/lib/fake-nixos/store/next-system\"' /var/lib/nixos-ami-agent/state.json");
+    let mut changed = false;
+    let code = c.boot(LIMIT, |c| {
+        if !changed && c.state()["last-applied"]["target"]["flake"] == REF {
+            c.set_parameter("/fleets/web", REF_NEXT, 2);
+            changed = true;
+        }
+    });
+    assert_eq!(code, 0, "{}", c.console());
+    assert!(changed);
+    let applies: Vec<_> = c
+        .call_lines()
+        .into_iter()
+        .filter(|l| l.starts_with("fh apply"))
+        .collect();
+    assert_eq!(
+        applies,
+        [
+            format!("fh apply nixos {REF} switch"),
+            format!("fh apply nixos {REF_NEXT} switch")
+        ]
+    );
+    let journal = c.journal();
+    let applied = events(&journal, APPLIED);
+    assert_eq!(applied.len(), 2, "{}", c.journal_text());
+    assert_eq!(field(applied[1], "SSM_PARAMETER"), "/fleets/web");
+    assert_eq!(field(applied[1], "FLAKE_REF"), REF_NEXT);
+    assert_eq!(c.state()["last-run"]["target"]["ssm-version"], 2);
+}
