@@ -207,6 +207,7 @@ fn fh_failing_twice_is_restarted_by_systemd_and_succeeds() {
             .count(),
         3
     );
+    println!("systemctl status after two restarts:\n{status}");
 }
 
 #[test]
