@@ -1,0 +1,49 @@
+# The agent, built from the workspace's Cargo.lock, with its systemd units.
+{ lib
+, rustPlatform
+,
+}:
+let
+  cargoToml = lib.importTOML ./Cargo.toml;
+in
+rustPlatform.buildRustPackage {
+  pname = "nixos-ami-agent";
+  inherit (cargoToml.package) version;
+
+  # The workspace (the lock file covers both members), nothing else: a
+  # change to the README or the Nix files does not rebuild the agent.
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions [
+      ../Cargo.toml
+      ../Cargo.lock
+      ../agent/Cargo.toml
+      ../agent/src
+      ../agent/systemd
+      ../tests/Cargo.toml
+      ../tests/src
+    ];
+  };
+  cargoLock.lockFile = ../Cargo.lock;
+
+  cargoBuildFlags = [ "--package" "nixos-ami-agent" ];
+  # The unit tests. The black-box and boot tests need the doubles and
+  # root; scripts/test and the NixOS VM tests run those.
+  cargoTestFlags = [ "--package" "nixos-ami-agent" "--lib" ];
+
+  postInstall = ''
+    install -Dm644 agent/systemd/nixos-ami-agent.service agent/systemd/nixos-ami-agent.timer \
+      -t $out/lib/systemd/system
+    install -Dm644 agent/systemd/80-nixos-ami-agent.preset -t $out/lib/systemd/system-preset
+    substituteInPlace $out/lib/systemd/system/nixos-ami-agent.service \
+      --replace-fail '@bindir@' "$out/bin"
+  '';
+
+  meta = {
+    description = "First-boot agent for NixOS AMIs: EC2 user data or an SSM parameter to a verified `fh apply nixos`";
+    homepage = "https://github.com/nixos-ami-agent/nixos-ami-agent";
+    license = lib.licenses.mit;
+    mainProgram = "nixos-ami-agent";
+    platforms = lib.platforms.linux;
+  };
+}

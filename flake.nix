@@ -1,0 +1,89 @@
+{
+  description = "NixOS AMIs with Determinate Nix, and nixos-ami-agent: EC2 user data or an SSM parameter to a verified `fh apply nixos`";
+
+  inputs = {
+    nixpkgs.url = "https://flakehub.com/f/NixOS/nixpkgs/0.1";
+    determinate.url = "https://flakehub.com/f/DeterminateSystems/determinate/*";
+    fh.url = "https://flakehub.com/f/DeterminateSystems/fh/0.1";
+  };
+
+  outputs =
+    { self
+    , nixpkgs
+    , determinate
+    , fh
+    ,
+    }:
+    let
+      inherit (nixpkgs) lib;
+      linuxSystems = [ "x86_64-linux" "aarch64-linux" ];
+      forLinuxSystems = f:
+        lib.genAttrs linuxSystems (system:
+          f {
+            inherit system;
+            pkgs = nixpkgs.legacyPackages.${system};
+          });
+    in
+    {
+      # Bump for breaking changes to the AMIs; it is part of their names:
+      # determinate/nixos/epoch-<epoch>/<label>-<system>.<run-id>.
+      epoch = "1";
+
+      overlays.default = final: _prev: {
+        nixos-ami-agent = final.callPackage ./agent/package.nix { };
+      };
+
+      packages = forLinuxSystems ({ pkgs, ... }: rec {
+        nixos-ami-agent = pkgs.callPackage ./agent/package.nix { };
+        nixos-ami-agent-test-doubles = pkgs.callPackage ./tests/package.nix { };
+        default = nixos-ami-agent;
+      });
+
+      nixosModules = {
+        # The agent's service module, with this flake's package as default.
+        default = { pkgs, ... }: {
+          imports = [ ./nixos-module ];
+          services.nixos-ami-agent.package =
+            lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.nixos-ami-agent;
+        };
+        # The whole AMI profile.
+        ami = import ./image { inherit self determinate fh; };
+      };
+
+      nixosConfigurations = forLinuxSystems ({ system, ... }:
+        lib.nixosSystem {
+          inherit system;
+          modules = [ self.nixosModules.ami ];
+        });
+
+      diskImages = forLinuxSystems ({ system, ... }: {
+        aws = self.nixosConfigurations.${system}.config.system.build.amazonImage;
+      });
+
+      checks = forLinuxSystems ({ system
+                                , pkgs
+                                ,
+                                }:
+        {
+          package = self.packages.${system}.nixos-ami-agent;
+          module-eval = import ./nixos-module/eval-check.nix { inherit pkgs self; };
+        }
+        // import ./vm-tests { inherit pkgs self; });
+
+      devShells = forLinuxSystems ({ pkgs, ... }: {
+        default = pkgs.mkShell {
+          packages = with pkgs; [
+            cargo
+            clippy
+            rustc
+            rustfmt
+            rust-analyzer
+              deadnix
+            nixpkgs-fmt
+          ];
+        };
+      });
+
+      formatter = forLinuxSystems ({ pkgs, ... }: pkgs.nixpkgs-fmt);
+    };
+}

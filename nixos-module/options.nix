@@ -1,0 +1,143 @@
+# The options of services.nixos-ami-agent; nixos-module/default.nix
+# implements them.
+{ config
+, lib
+, pkgs
+, ...
+}:
+let
+  inherit (lib) literalExpression mkOption types;
+  cfg = config.services.nixos-ami-agent;
+  settingsFormat = pkgs.formats.toml { };
+in
+{
+  options.services.nixos-ami-agent = {
+    enable = lib.mkEnableOption ''
+      nixos-ami-agent, which at boot turns this EC2 instance into the NixOS
+      configuration its user data or its fleet's SSM parameter names
+      (`determinate-nixd login aws`, then `fh apply nixos`), and verifies
+      that the system really switched
+    '';
+
+    package = lib.mkPackageOption pkgs "nixos-ami-agent" { };
+
+    fhPackage = lib.mkPackageOption pkgs "fh" {
+      extraDescription = "The agent runs its `fh` by store path.";
+    };
+
+    determinateNixdPackage = mkOption {
+      type = types.nullOr types.package;
+      default = null;
+      example = literalExpression "inputs.determinate.packages.\${pkgs.stdenv.hostPlatform.system}.default";
+      description = ''
+        The package providing `determinate-nixd` (Determinate's flake,
+        which its NixOS module also installs). When null, the agent runs
+        `/run/current-system/sw/bin/determinate-nixd`.
+      '';
+    };
+
+    settings = mkOption {
+      default = { };
+      description = ''
+        The image's defaults, written to
+        {file}`/etc/nixos-ami-agent/config.toml`. User data overrides the
+        top-level keys; only the image can set `agent`. See the README for
+        every key.
+      '';
+      example = literalExpression ''
+        {
+          ssm-parameter = "/fleets/web/target";
+          reboot = "never";
+          agent.retry-budget = "300s";
+        }
+      '';
+      type = types.submodule {
+        freeformType = settingsFormat.type;
+        options = {
+          flake = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            example = "my-org/my-flake/0.1#nixosConfigurations.web";
+            description = ''
+              FlakeHub output reference to apply,
+              `{org}/{flake}/{version_req}#{attr_path}`. Not together with
+              `ssm-parameter`.
+            '';
+          };
+          ssm-parameter = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            example = "/fleets/web/target:canary";
+            description = ''
+              SSM parameter (`name`, `name:label`, `name:version` or ARN)
+              whose value is the target. Not together with `flake`.
+            '';
+          };
+          action = mkOption {
+            type = types.nullOr (types.enum [ "switch" "boot" "test" ]);
+            default = null;
+            description = "How to apply the target; the agent's default is `switch`.";
+          };
+          reboot = mkOption {
+            type = types.nullOr (types.enum [ "never" "if-needed" "always" ]);
+            default = null;
+            description = "When to reboot after applying; the agent's default is `if-needed`.";
+          };
+          login = mkOption {
+            type = types.nullOr types.bool;
+            default = null;
+            description = "Whether to run `determinate-nixd login aws` first; the agent's default is true.";
+          };
+          agent = mkOption {
+            default = { };
+            description = "What only the image may set.";
+            type = types.submodule {
+              freeformType = settingsFormat.type;
+              options = {
+                fh = mkOption {
+                  type = types.str;
+                  default = lib.getExe' cfg.fhPackage "fh";
+                  defaultText = literalExpression ''lib.getExe' config.services.nixos-ami-agent.fhPackage "fh"'';
+                  description = "Absolute path of `fh`.";
+                };
+                determinate-nixd = mkOption {
+                  type = types.str;
+                  default =
+                    if cfg.determinateNixdPackage == null
+                    then "/run/current-system/sw/bin/determinate-nixd"
+                    else lib.getExe' cfg.determinateNixdPackage "determinate-nixd";
+                  defaultText = literalExpression ''"''${config.services.nixos-ami-agent.determinateNixdPackage}/bin/determinate-nixd"'';
+                  description = "Absolute path of `determinate-nixd`.";
+                };
+                retry-budget = mkOption {
+                  type = types.nullOr types.str;
+                  default = null;
+                  example = "300s";
+                  description = "Time each remote step (IMDS, SSM, login, resolve) may spend retrying; the agent's default is 120s.";
+                };
+              };
+            };
+          };
+        };
+      };
+    };
+
+    watch = {
+      enable = lib.mkEnableOption ''
+        a timer that re-runs the agent, so the instance follows changes of
+        its fleet's SSM parameter
+      '';
+      interval = mkOption {
+        type = types.str;
+        default = "15min";
+        example = "5min";
+        description = "Time between the end of one run and the next (systemd's `OnUnitInactiveSec`).";
+      };
+      randomizedDelay = mkOption {
+        type = types.str;
+        default = "5min";
+        description = "Random extra delay, so a fleet booted together does not call SSM in lockstep (`RandomizedDelaySec`).";
+      };
+    };
+  };
+}

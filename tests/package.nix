@@ -1,0 +1,34 @@
+# The IMDS and SSM doubles as one program, for the NixOS VM tests (the same
+# code the black-box and container tests run against).
+{ lib
+, rustPlatform
+,
+}:
+rustPlatform.buildRustPackage {
+  pname = "nixos-ami-agent-test-doubles";
+  version = "0";
+
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions [
+      ../Cargo.toml
+      ../Cargo.lock
+      ../agent/Cargo.toml
+      ../agent/src
+      ../agent/systemd
+      ../tests/Cargo.toml
+      ../tests/src
+    ];
+  };
+  cargoLock.lockFile = ../Cargo.lock;
+
+  cargoBuildFlags = [ "--package" "nixos-ami-agent-tests" "--bin" "nixos-ami-agent-doubles" ];
+  doCheck = false;
+
+  meta = {
+    description = "IMDSv2 and SSM test doubles for nixos-ami-agent's VM tests";
+    license = lib.licenses.mit;
+    mainProgram = "nixos-ami-agent-doubles";
+    platforms = lib.platforms.linux;
+  };
+}
