@@ -78,7 +78,7 @@
             rustc
             rustfmt
             rust-analyzer
-              deadnix
+            deadnix
             nixpkgs-fmt
           ];
         };
