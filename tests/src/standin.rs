@@ -24,6 +24,9 @@ pub enum Mode {
     NoSwitch,
     /// fh resolve only: print something that is not fh's JSON.
     BadJson,
+    /// SIGKILL the agent (the stand-in's parent): during login, or, for fh
+    /// apply, right after switching, before the agent can record it.
+    KillAgent,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -98,6 +101,13 @@ fn bump(dir: &Path, key: &str) -> u32 {
 
 /// Hangs like a stuck download, but not past the agent: an orphaned
 /// stand-in (its agent was SIGKILLed) exits instead of lingering.
+fn kill_agent() {
+    let agent = std::os::unix::process::parent_id().to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &agent])
+        .status();
+}
+
 fn hang() -> ! {
     let parent = std::os::unix::process::parent_id();
     for _ in 0..36_000 {
@@ -137,6 +147,10 @@ pub fn determinate_nixd_main() -> ! {
     }
     match b.login {
         Mode::Hang => hang(),
+        Mode::KillAgent => {
+            kill_agent();
+            std::process::exit(1)
+        }
         Mode::Fail => {
             eprintln!("error: the role is not registered (stand-in)");
             std::process::exit(1)
@@ -208,6 +222,9 @@ pub fn fh_main() -> ! {
             }
             if matches!(action, "switch" | "test") {
                 point(&b.current_system, path);
+            }
+            if b.apply == Mode::KillAgent {
+                kill_agent();
             }
             std::process::exit(0)
         }
