@@ -8,6 +8,7 @@ use nixos_ami_agent_tests::container::{
     Container, INSTANCE_ID, REF, REF_NEW_KERNEL, REF_NEXT, unavailable,
 };
 use nixos_ami_agent_tests::harness::toml_user_data;
+use nixos_ami_agent_tests::imds::TOKEN_PREFIX;
 use std::time::Duration;
 
 const APPLIED: &str = "3f88d658b85143fcbb03f62a0a791e73";
@@ -294,4 +295,9 @@ fn timer_applies_a_changed_ssm_parameter() {
     assert_eq!(field(applied[1], "SSM_PARAMETER"), "/fleets/web");
     assert_eq!(field(applied[1], "FLAKE_REF"), REF_NEXT);
     assert_eq!(c.state()["last-run"]["target"]["ssm-version"], 2);
+    let raw = serde_json::to_string(&journal).unwrap();
+    assert!(
+        !raw.contains(TOKEN_PREFIX),
+        "an IMDS token reached the journal"
+    );
 }

@@ -153,6 +153,12 @@ pub fn parse_value(value: &str, secret: bool) -> Result<ParameterSettings, Value
         });
     }
     let doc: ParameterDocument = document::from_toml(value).map_err(|e: DocError| {
+        // An unknown key's name is part of the secret value: name only the
+        // keys everyone knows.
+        let key = match e.key.clone() {
+            Some(k) if secret && !matches!(k.as_str(), "flake" | "action" | "reboot") => None,
+            k => k,
+        };
         let reason = if secret {
             // serde's messages can quote the offending value.
             match e.position {
@@ -164,7 +170,7 @@ pub fn parse_value(value: &str, secret: bool) -> Result<ParameterSettings, Value
         } else {
             e.describe()
         };
-        ValueError { key: e.key, reason }
+        ValueError { key, reason }
     })?;
     let Some(flake) = doc.flake else {
         return Err(ValueError {
@@ -265,5 +271,9 @@ mod tests {
         assert!(e.reason.contains("line 2"), "{e:?}");
         let e = parse_value("hunter2 and more", true).unwrap_err();
         assert!(!e.reason.contains("hunter2"), "{e:?}");
+        let e = parse_value("hunter2 = 1", true).unwrap_err();
+        assert_eq!(e.key, None, "an unknown key's name is secret too");
+        let e = parse_value("action = 1", true).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("action"));
     }
 }
