@@ -104,6 +104,42 @@ impl Imds {
             .await
     }
 
+    /// The instance profile's role name; `None` when no profile is
+    /// attached (404).
+    pub async fn role_name(&self) -> Result<Option<String>, ImdsError> {
+        let what = "instance profile";
+        let Some(bytes) = self
+            .get("/latest/meta-data/iam/security-credentials/", what)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        Ok(text
+            .lines()
+            .next()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty()))
+    }
+
+    /// For `doctor` only: does IMDS still answer an unauthenticated
+    /// (IMDSv1) request? The agent itself never makes one to get data.
+    /// `None` when the probe is inconclusive.
+    pub async fn imdsv1_allowed(&self) -> Option<bool> {
+        let reply = self
+            .http
+            .get(format!("{}/latest/meta-data/instance-id", self.base))
+            .timeout(ATTEMPT_TIMEOUT)
+            .send()
+            .await
+            .ok()?;
+        match reply.status() {
+            StatusCode::OK => Some(true),
+            StatusCode::UNAUTHORIZED => Some(false),
+            _ => None,
+        }
+    }
+
     async fn get_text(&self, path: &str, what: &str) -> Result<String, ImdsError> {
         let bytes = self
             .get(path, what)

@@ -6,8 +6,10 @@
 //! and layers, [`plan`] decides, [`steps`] run the programs, [`state`]
 //! remembers. [`run`] strings them together; [`cli`] is the front door.
 
+pub mod aws;
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod exit;
 pub mod imds;
 pub mod log;

@@ -3,18 +3,12 @@
 //! instance role through IMDS). The SDK's own retries are off so that the
 //! agent's one retry loop owns the step's budget.
 
+use crate::aws;
 use crate::retry::{self, Attempt, Backoff, RetryError};
 use crate::settings::ParameterName;
-use aws_config::BehaviorVersion;
-use aws_config::default_provider::credentials::DefaultCredentialsChain;
-use aws_config::provider_config::ProviderConfig;
-use aws_config::retry::RetryConfig;
-use aws_config::timeout::TimeoutConfig;
-use aws_sdk_ssm::config::Region;
 use aws_sdk_ssm::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ssm::operation::get_parameter::GetParameterError;
 use aws_sdk_ssm::types::ParameterType;
-use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 use std::time::Duration;
 
 const NEEDS: &str = "the instance role needs ssm:GetParameter on this parameter, \
@@ -109,56 +103,15 @@ impl Ssm {
         imds_endpoint: &str,
         backoff: Backoff,
     ) -> Result<Self, SsmError> {
-        // The SDK's TLS set-up loads the same roots, and without any it
-        // fails only at the first request, with an opaque certificate
-        // error (or a panic in debug builds).
-        let roots = rustls_native_certs::load_native_certs();
-        if roots.certs.is_empty() {
-            let detail = match roots.errors.first() {
-                Some(e) => e.to_string(),
-                None => "the system's certificate store is empty".into(),
-            };
-            return Err(SsmError::NoCaCertificates {
+        let sdk = aws::sdk_config(region, imds_endpoint, backoff)
+            .await
+            .map_err(|detail| SsmError::NoCaCertificates {
                 name: name.as_str().to_owned(),
                 detail,
-            });
-        }
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(Provider::Rustls(CryptoMode::Ring))
-            .build_https();
-        let region = Region::new(region.to_owned());
-        // A hung attempt must leave budget for the next one.
-        let attempt = (backoff.budget / 3).clamp(Duration::from_secs(1), Duration::from_secs(10));
-        let timeouts = TimeoutConfig::builder()
-            .connect_timeout(Duration::from_secs(3).min(attempt))
-            .operation_attempt_timeout(attempt)
-            .operation_timeout(attempt)
-            .build();
-        let provider = ProviderConfig::without_region()
-            .with_http_client(http.clone())
-            .with_region(Some(region.clone()));
-        let imds = aws_config::imds::Client::builder()
-            .configure(&provider)
-            .endpoint(imds_endpoint)
-            .expect("the IMDS endpoint was validated with the config")
-            .build();
-        let credentials = DefaultCredentialsChain::builder()
-            .configure(provider)
-            .region(region.clone())
-            .imds_client(imds)
-            .build()
-            .await;
-        let sdk = aws_config::defaults(BehaviorVersion::latest())
-            .http_client(http)
-            .region(region.clone())
-            .credentials_provider(credentials)
-            .retry_config(RetryConfig::disabled())
-            .timeout_config(timeouts)
-            .load()
-            .await;
+            })?;
         Ok(Self {
             client: aws_sdk_ssm::Client::new(&sdk),
-            region: region.to_string(),
+            region: region.to_owned(),
             backoff,
         })
     }

@@ -8,6 +8,7 @@ use crate::dbus::BusDouble;
 use crate::imds::{Imds, ImdsDouble};
 use crate::ssm::{Ssm, SsmDouble};
 use crate::standin::{self, Behaviour, Call};
+use crate::sts::StsDouble;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -106,6 +107,7 @@ pub struct Scenario {
     pub dir: tempfile::TempDir,
     pub imds: ImdsDouble,
     pub ssm: SsmDouble,
+    pub sts: StsDouble,
     /// Top-level settings (image defaults) for the config file.
     pub defaults: String,
     /// `[agent]` keys overriding the scenario's.
@@ -180,10 +182,12 @@ impl Scenario {
             .insert(REF_NEW_KERNEL.into(), store.join("kernel-system"));
         let imds = ImdsDouble::start(rt(), Imds::default(), delay);
         let ssm = SsmDouble::start(rt(), Ssm::default());
+        let sts = StsDouble::start(rt());
         Self {
             dir,
             imds,
             ssm,
+            sts,
             defaults: String::new(),
             agent: vec![],
             behaviour,
@@ -290,6 +294,7 @@ impl Scenario {
             .env("AWS_SECRET_ACCESS_KEY", "static-fake-secret-key")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("AWS_ENDPOINT_URL_SSM", self.ssm.url())
+            .env("AWS_ENDPOINT_URL_STS", self.sts.url())
             .env("AWS_CONFIG_FILE", self.path("empty"))
             .env("AWS_SHARED_CREDENTIALS_FILE", self.path("empty"))
             // Never the host's system bus: a reboot request there would

@@ -47,6 +47,8 @@ pub struct Imds {
     pub role: Option<String>,
     /// 403 on the token PUT: IMDS disabled for the instance.
     pub token_forbidden: bool,
+    /// Answer unauthenticated (IMDSv1) GETs, as with HttpTokens=optional.
+    pub allow_v1: bool,
     pub token_faults: VecDeque<Fault>,
     pub get_faults: VecDeque<Fault>,
     /// Revoke all tokens once this many GETs were answered (a "401
@@ -66,6 +68,7 @@ impl Default for Imds {
             region: "eu-west-1".into(),
             role: None,
             token_forbidden: false,
+            allow_v1: false,
             token_faults: VecDeque::new(),
             get_faults: VecDeque::new(),
             revoke_after_gets: None,
@@ -260,12 +263,13 @@ fn answer(
     if *method != Method::GET {
         return reply(405, "");
     }
-    // IMDSv2 only: no token, or a stale one, is 401 (as with
-    // HttpTokens=required).
+    // No token, or a stale one, is 401 (as with HttpTokens=required),
+    // unless the instance still allows IMDSv1 and no token was sent.
     let valid = token
         .and_then(|t| s.tokens.get(t))
         .is_some_and(|exp| Instant::now() < *exp);
-    if !valid {
+    let v1 = s.allow_v1 && token.is_none();
+    if !valid && !v1 {
         return reply(401, "");
     }
     s.gets += 1;

@@ -3,6 +3,7 @@
 //!
 //! - [`imds`]: IMDSv2 with real token semantics and fault injection;
 //! - [`ssm`]: `AmazonSSM.GetParameter` over the AWS JSON 1.1 protocol;
+//! - [`sts`]: `GetCallerIdentity` over the AWS Query protocol, for `doctor`;
 //! - [`standin`]: the `fh` and `determinate-nixd` stand-ins (the
 //!   `fake-fh` and `fake-determinate-nixd` binaries) that record argv;
 //! - [`container`]: boot tests under systemd in `systemd-nspawn`;
@@ -16,3 +17,4 @@ pub mod harness;
 pub mod imds;
 pub mod ssm;
 pub mod standin;
+pub mod sts;

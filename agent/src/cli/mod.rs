@@ -1,5 +1,6 @@
 //! The command line: one struct per subcommand, each with `run`.
 
+mod doctor;
 mod plan;
 mod status;
 mod validate;
@@ -39,6 +40,7 @@ Examples:
   nixos-ami-agent validate user-data.toml
   nixos-ami-agent plan --user-data user-data.toml
   nixos-ami-agent status --json
+  nixos-ami-agent doctor
 
 Logging: NIXOS_AMI_AGENT_LOG=debug (tracing filter syntax).
 
@@ -74,6 +76,10 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Check a user-data file before launching an instance with it.
     Validate(validate::ValidateArgs),
+    /// Check everything a run needs (IMDS, the instance role and the
+    /// principal to register in FlakeHub, the SSM parameter, programs,
+    /// state directory, user data) and say what to do about each failure.
+    Doctor(doctor::DoctorArgs),
 }
 
 impl Cli {
@@ -91,6 +97,10 @@ impl Cli {
                 return r.err().map_or(exit::OK, |e| e.exit_code());
             }
             Command::Validate(args) => args.run(),
+            Command::Doctor(args) => match args.run(self.config.clone(), &env).await {
+                Ok(code) => return code,
+                Err(e) => Err(e),
+            },
             Command::Plan(args) => match config() {
                 Ok(c) => args.run(&c, &env).await,
                 Err(e) => Err(e),

@@ -1,0 +1,379 @@
+//! `doctor`: every precondition of a successful run, checked one by one,
+//! each with what to do when it fails. Uses the run's own code paths
+//! (config loading, IMDS, user-data sniffing, SSM), and STS's
+//! GetCallerIdentity to show which principal FlakeHub must know.
+
+use crate::config::Config;
+use crate::exit::Failure;
+use crate::imds::{Imds, ImdsError};
+use crate::process::check_program;
+use crate::retry::Backoff;
+use crate::run::{self, Environment};
+use crate::settings::{SettingsError, Target};
+use crate::ssm::SsmError;
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    Pass,
+    /// Works, but should be changed.
+    Warn,
+    Fail,
+    /// Not checked: something it depends on failed, or it does not apply.
+    Skip,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+fn check(
+    name: &'static str,
+    status: Status,
+    detail: impl Into<String>,
+    fix: Option<&str>,
+) -> Check {
+    Check {
+        name,
+        status,
+        detail: detail.into(),
+        fix: fix.map(str::to_owned),
+    }
+}
+
+pub const ROLE_NEEDS: &str = "attach an IAM instance profile to the instance (aws ec2 associate-iam-instance-profile); \
+     its role needs no permissions for the FlakeHub login, and ssm:GetParameter (plus kms:Decrypt for a \
+     SecureString) on the fleet's parameter";
+
+pub async fn run(
+    config: Result<Config, SettingsError>,
+    config_path: &Path,
+    env: &Environment,
+) -> Vec<Check> {
+    let mut checks = vec![];
+    let config = match config {
+        Ok(c) => {
+            checks.push(check(
+                "config file",
+                Status::Pass,
+                format!("{} is valid", c.path.display()),
+                None,
+            ));
+            c
+        }
+        Err(e) => {
+            checks.push(check(
+                "config file",
+                Status::Fail,
+                e.to_string(),
+                Some("fix the image's config file (the NixOS module writes it from services.nixos-ami-agent.settings)"),
+            ));
+            Config::builtin(config_path)
+        }
+    };
+    let agent = &config.agent;
+    for (name, path) in [
+        ("fh", &agent.fh),
+        ("determinate-nixd", &agent.determinate_nixd),
+    ] {
+        checks.push(match check_program(path) {
+            Ok(()) => check(
+                name,
+                Status::Pass,
+                format!("{} is executable", path.display()),
+                None,
+            ),
+            Err(e) => check(
+                name,
+                Status::Fail,
+                e.to_string(),
+                Some("set [agent] in the config file to the program's absolute path"),
+            ),
+        });
+    }
+    checks.push(state_dir(&agent.state_dir));
+
+    let (imds, endpoint) = match run::imds(&config, env) {
+        Ok(x) => x,
+        Err(e) => {
+            checks.push(check(
+                "IMDS",
+                Status::Fail,
+                e.to_string(),
+                Some("fix the IMDS endpoint setting"),
+            ));
+            return checks;
+        }
+    };
+    let instance_id = match imds.instance_id().await {
+        Ok(id) => id,
+        Err(e) => {
+            let fix = match e {
+                ImdsError::Disabled => {
+                    "enable the metadata service: aws ec2 modify-instance-metadata-options \
+                                        --instance-id ID --http-endpoint enabled --http-tokens required"
+                }
+                _ => {
+                    "is this an EC2 instance? The agent reads user data from IMDS at the configured endpoint"
+                }
+            };
+            checks.push(check(
+                "IMDS",
+                Status::Fail,
+                format!("{e} (endpoint {endpoint})"),
+                Some(fix),
+            ));
+            for name in ["instance role", "user data", "SSM parameter"] {
+                checks.push(check(name, Status::Skip, "needs IMDS", None));
+            }
+            return checks;
+        }
+    };
+    checks.push(check(
+        "IMDS",
+        Status::Pass,
+        format!("IMDSv2 token obtained; instance {instance_id}"),
+        None,
+    ));
+    checks.push(match imds.imdsv1_allowed().await {
+        Some(true) => check(
+            "IMDSv2 required",
+            Status::Warn,
+            "the instance still answers IMDSv1 (unauthenticated) requests",
+            Some("require IMDSv2: metadata_options { http_tokens = \"required\" } (Terraform), or aws ec2 \
+                  modify-instance-metadata-options --http-tokens required"),
+        ),
+        Some(false) => check("IMDSv2 required", Status::Pass, "IMDSv1 requests are refused", None),
+        None => check("IMDSv2 required", Status::Skip, "the probe was inconclusive", None),
+    });
+    let region = match (&env.region, imds.region().await) {
+        (Some(r), _) => r.clone(),
+        (None, Ok(r)) => r,
+        (None, Err(e)) => {
+            checks.push(check(
+                "region",
+                Status::Fail,
+                e.to_string(),
+                Some("set AWS_REGION"),
+            ));
+            return checks;
+        }
+    };
+
+    checks.push(
+        role(
+            &imds,
+            &region,
+            &endpoint,
+            Backoff::with_budget(agent.retry_budget),
+        )
+        .await,
+    );
+
+    let settings = match imds
+        .user_data()
+        .await
+        .map_err(Failure::from)
+        .and_then(|raw| run::sniff(raw.as_deref()))
+    {
+        Ok(ud) => {
+            checks.push(check("user data", Status::Pass, ud.kind.describe(), None));
+            run::settings(&config, &ud)
+        }
+        Err(e) => {
+            checks.push(check(
+                "user data",
+                Status::Fail,
+                e.to_string(),
+                Some("fix the user data (check it with `nixos-ami-agent validate FILE` before launching)"),
+            ));
+            run::settings(&config, &crate::userdata::UserData::absent())
+        }
+    };
+    let name = match settings.target.as_ref().map(|t| &t.value) {
+        Some(Target::Ssm(name)) => name.as_str().to_owned(),
+        Some(Target::Flake(_)) => {
+            checks.push(check(
+                "SSM parameter",
+                Status::Skip,
+                "the target is a flake reference, not a parameter",
+                None,
+            ));
+            return checks;
+        }
+        None => {
+            checks.push(check(
+                "SSM parameter",
+                Status::Skip,
+                "no target configured",
+                None,
+            ));
+            return checks;
+        }
+    };
+    checks.push(match run::resolve_target(&config, env, &imds, &endpoint, settings).await {
+        Ok(r) => check(
+            "SSM parameter",
+            Status::Pass,
+            format!("{name} is readable and names {}", r.shown.unwrap_or_default()),
+            None,
+        ),
+        Err(Failure::Ssm(e @ (SsmError::Denied { .. } | SsmError::NotFound { .. }))) => check(
+            "SSM parameter",
+            Status::Fail,
+            e.to_string(),
+            Some("create the parameter in the instance's region, and allow the instance role ssm:GetParameter on it (and kms:Decrypt on its key for a SecureString)"),
+        ),
+        Err(Failure::Input(e)) => check("SSM parameter", Status::Fail, e.to_string(), Some("fix the parameter's value: an output reference, or TOML with flake/action/reboot")),
+        Err(e) => check("SSM parameter", Status::Fail, e.to_string(), None),
+    });
+    checks
+}
+
+fn state_dir(dir: &Path) -> Check {
+    use nix::unistd::{AccessFlags, access};
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let detail = if existing == dir {
+        format!("{} is writable", dir.display())
+    } else {
+        format!(
+            "{} does not exist yet; {} is writable, so it can be created",
+            dir.display(),
+            existing.display()
+        )
+    };
+    match access(existing, AccessFlags::W_OK | AccessFlags::X_OK) {
+        Ok(()) => check("state directory", Status::Pass, detail, None),
+        Err(e) => check(
+            "state directory",
+            Status::Fail,
+            format!("{} is not writable: {e}", existing.display()),
+            Some("run the agent as root (the unit does), or set [agent] state-dir"),
+        ),
+    }
+}
+
+/// The instance role, as FlakeHub sees it: STS GetCallerIdentity with the
+/// role's credentials, and the principal Determinate's documentation says
+/// to register for `determinate-nixd login aws`.
+async fn role(imds: &Imds, region: &str, endpoint: &str, backoff: Backoff) -> Check {
+    match imds.role_name().await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return check(
+                "instance role",
+                Status::Fail,
+                "no instance profile is attached",
+                Some(ROLE_NEEDS),
+            );
+        }
+        Err(e) => return check("instance role", Status::Fail, e.to_string(), None),
+    }
+    let sdk = match crate::aws::sdk_config(region, endpoint, backoff).await {
+        Ok(sdk) => sdk,
+        Err(e) => {
+            return check(
+                "instance role",
+                Status::Fail,
+                format!("no CA certificates found ({e})"),
+                Some("install CA certificates (NixOS: security.pki)"),
+            );
+        }
+    };
+    match aws_sdk_sts::Client::new(&sdk)
+        .get_caller_identity()
+        .send()
+        .await
+    {
+        Ok(who) => {
+            let arn = who.arn().unwrap_or_default();
+            match flakehub_principal(arn) {
+                Some(principal) => check(
+                    "instance role",
+                    Status::Pass,
+                    format!(
+                        "the instance is {arn}; register {principal} under ARNs in the FlakeHub organisation's settings"
+                    ),
+                    None,
+                ),
+                None => check(
+                    "instance role",
+                    Status::Warn,
+                    format!(
+                        "the credentials are {arn}, not an instance role (assumed-role/ROLE/i-...)"
+                    ),
+                    Some("on EC2, let the instance profile's role provide the credentials"),
+                ),
+            }
+        }
+        Err(e) => check(
+            "instance role",
+            Status::Fail,
+            format!(
+                "STS GetCallerIdentity failed: {}",
+                aws_sdk_sts::error::DisplayErrorContext(&e)
+            ),
+            Some(ROLE_NEEDS),
+        ),
+    }
+}
+
+/// `arn:aws:sts::123456789012:assumed-role/web/i-0abc` →
+/// `arn:aws:iam::123456789012:assumed-role/web/i-*`, the form
+/// Determinate's "Log in with AWS STS" guide registers for EC2 instances.
+pub fn flakehub_principal(arn: &str) -> Option<String> {
+    let rest = arn.strip_prefix("arn:")?;
+    let mut parts = rest.splitn(5, ':');
+    let (partition, service, _region, account, resource) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+    );
+    let role = resource.strip_prefix("assumed-role/")?.split('/').next()?;
+    (service == "sts" && !role.is_empty() && !account.is_empty())
+        .then(|| format!("arn:{partition}:iam::{account}:assumed-role/{role}/i-*"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn principal_from_caller_arn() {
+        assert_eq!(
+            flakehub_principal("arn:aws:sts::123456789012:assumed-role/web-fleet/i-0abc")
+                .as_deref(),
+            Some("arn:aws:iam::123456789012:assumed-role/web-fleet/i-*")
+        );
+        assert_eq!(
+            flakehub_principal("arn:aws-cn:sts::123456789012:assumed-role/r/i-1").as_deref(),
+            Some("arn:aws-cn:iam::123456789012:assumed-role/r/i-*")
+        );
+        assert_eq!(
+            flakehub_principal("arn:aws:iam::123456789012:user/alice"),
+            None
+        );
+        assert_eq!(flakehub_principal("garbage"), None);
+    }
+
+    #[test]
+    fn state_dir_checks_the_nearest_existing_ancestor() {
+        let d = tempfile::tempdir().unwrap();
+        let c = state_dir(&d.path().join("a/b"));
+        assert_eq!(c.status, Status::Pass, "{c:?}");
+        assert!(c.detail.contains("does not exist yet"), "{c:?}");
+    }
+}
