@@ -1,6 +1,8 @@
 # The agent, built from the workspace's Cargo.lock, with its systemd units.
 { lib
+, stdenv
 , rustPlatform
+, installShellFiles
 ,
 }:
 let
@@ -25,6 +27,7 @@ rustPlatform.buildRustPackage {
     ];
   };
   cargoLock.lockFile = ../Cargo.lock;
+  nativeBuildInputs = [ installShellFiles ];
 
   cargoBuildFlags = [ "--package" "nixos-ami-agent" ];
   # The unit tests. The black-box and boot tests need the doubles and
@@ -37,6 +40,15 @@ rustPlatform.buildRustPackage {
     install -Dm644 agent/systemd/80-nixos-ami-agent.preset -t $out/lib/systemd/system-preset
     substituteInPlace $out/lib/systemd/system/nixos-ami-agent.service \
       --replace-fail '@bindir@' "$out/bin"
+  ''
+  # Man pages and completions come from the clap definitions.
+  + lib.optionalString (stdenv.buildPlatform.canExecute stdenv.hostPlatform) ''
+    $out/bin/nixos-ami-agent generate-assets --out assets
+    installManPage assets/man/*.1
+    installShellCompletion \
+      --bash assets/completions/nixos-ami-agent.bash \
+      --zsh assets/completions/_nixos-ami-agent \
+      --fish assets/completions/nixos-ami-agent.fish
   '';
 
   meta = {

@@ -246,3 +246,37 @@ fn help_teaches_and_documents_exit_codes() {
     let out = s.run(&["frobnicate"]);
     assert_eq!(out.code, 64, "{out:?}");
 }
+
+#[test]
+fn man_pages_and_completions_generate() {
+    let s = Scenario::new();
+    let out_dir = s.path("assets");
+    let out = s.run(&["generate-assets", "--out", out_dir.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{out:?}");
+    for page in ["", "-run", "-plan", "-status", "-validate", "-doctor"] {
+        let p = out_dir.join(format!("man/nixos-ami-agent{page}.1"));
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{}: not roff",
+            p.display()
+        );
+    }
+    let main = std::fs::read_to_string(out_dir.join("man/nixos-ami-agent.1")).unwrap();
+    assert!(
+        main.contains("Exit codes") && main.contains("doctor"),
+        "the man page teaches what --help does"
+    );
+    for (file, needle) in [
+        ("nixos-ami-agent.bash", "complete -F"),
+        ("_nixos-ami-agent", "#compdef nixos-ami-agent"),
+        ("nixos-ami-agent.fish", "complete -c nixos-ami-agent"),
+    ] {
+        let text = std::fs::read_to_string(out_dir.join("completions").join(file)).unwrap();
+        assert!(text.contains(needle) && text.contains("validate"), "{file}");
+    }
+    assert!(
+        !s.run(&["--help"]).stdout.contains("generate-assets"),
+        "packaging detail stays out of --help"
+    );
+}

@@ -1,5 +1,6 @@
 //! The command line: one struct per subcommand, each with `run`.
 
+mod assets;
 mod doctor;
 mod plan;
 mod status;
@@ -80,6 +81,9 @@ pub enum Command {
     /// principal to register in FlakeHub, the SSM parameter, programs,
     /// state directory, user data) and say what to do about each failure.
     Doctor(doctor::DoctorArgs),
+    /// Write man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenerateAssets(assets::AssetsArgs),
 }
 
 impl Cli {
@@ -97,6 +101,7 @@ impl Cli {
                 return r.err().map_or(exit::OK, |e| e.exit_code());
             }
             Command::Validate(args) => args.run(),
+            Command::GenerateAssets(args) => args.run(),
             Command::Doctor(args) => match args.run(self.config.clone(), &env).await {
                 Ok(code) => return code,
                 Err(e) => Err(e),
