@@ -12,8 +12,10 @@ use tokio::time::Instant;
 pub struct Backoff {
     /// First delay (before jitter).
     pub initial: Duration,
-    /// Cap on any single delay, including a server's `Retry-After`.
+    /// Cap on a backoff delay.
     pub max: Duration,
+    /// Cap on a server's `Retry-After`, which may ask for longer.
+    pub max_retry_after: Duration,
     /// Total time allowed for one remote step, attempts and delays together.
     pub budget: Duration,
 }
@@ -23,7 +25,18 @@ impl Backoff {
         Self {
             initial: Duration::from_millis(50),
             max: Duration::from_secs(5),
+            max_retry_after: Duration::from_secs(5),
             budget,
+        }
+    }
+
+    /// IMDS is link-local and cheap to ask, and at boot the agent waits on
+    /// it: retry every 75–150 ms once backed off (no more than ~13 requests
+    /// a second), so a late IMDS is noticed within ~150 ms.
+    pub fn imds(budget: Duration) -> Self {
+        Self {
+            max: Duration::from_millis(150),
+            ..Self::with_budget(budget)
         }
     }
 
@@ -111,7 +124,7 @@ where
             });
         }
         let delay = after
-            .map_or_else(|| policy.delay(number), |a| a.min(policy.max))
+            .map_or_else(|| policy.delay(number), |a| a.min(policy.max_retry_after))
             .min(remaining);
         tracing::warn!(
             step = what,
@@ -132,8 +145,26 @@ mod tests {
         Backoff {
             initial: Duration::from_millis(50),
             max: Duration::from_secs(5),
+            max_retry_after: Duration::from_secs(5),
             budget: Duration::from_millis(budget_ms),
         }
+    }
+
+    #[test]
+    fn imds_retries_quickly_but_not_in_a_tight_loop() {
+        let p = Backoff::imds(Duration::from_secs(120));
+        for n in 1..50 {
+            let d = p.delay(n);
+            assert!(
+                d >= Duration::from_millis(25) && d <= Duration::from_millis(150),
+                "{d:?}"
+            );
+        }
+        assert!(
+            p.delay(10) >= Duration::from_millis(75),
+            "at most ~13 requests a second"
+        );
+        assert_eq!(p.max_retry_after, Duration::from_secs(5));
     }
 
     #[test]

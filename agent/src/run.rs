@@ -75,7 +75,7 @@ pub fn imds(config: &Config, env: &Environment) -> Result<(Imds, String), Failur
             ))
         })?;
     Ok((
-        Imds::new(&endpoint, Backoff::with_budget(config.agent.retry_budget)),
+        Imds::new(&endpoint, Backoff::imds(config.agent.retry_budget)),
         endpoint,
     ))
 }
@@ -426,8 +426,9 @@ async fn converge(
     let action = r.settings.action.value;
     record.target = r.record;
     record.action = Some(action);
-    state.last_run = Some(record.clone());
-    store.save(state)?;
+    // Not saved yet: the run's start is already on disk, and the state is
+    // saved again before anything changes the system (apply) and at the
+    // end, so a crash before then loses nothing a rerun would not redo.
 
     // Before anything runs: a missing program is the image's fault and
     // must not leave a half-done run (logged in, never applied).

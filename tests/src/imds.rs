@@ -98,6 +98,8 @@ pub struct ImdsDouble {
     pub state: Arc<Mutex<Imds>>,
     /// Connections to accept and close at once, before any reply.
     pub drop_connections: Arc<AtomicU32>,
+    /// When the double started accepting connections.
+    pub listening_since: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 impl ImdsDouble {
@@ -120,6 +122,8 @@ impl ImdsDouble {
         let state = Arc::new(Mutex::new(imds));
         let drop_connections = Arc::new(AtomicU32::new(0));
         let (st, dc) = (state.clone(), drop_connections.clone());
+        let listening_since = Arc::new(std::sync::Mutex::new(None));
+        let since = listening_since.clone();
         // A late start must refuse connections, not queue them: close the
         // socket now and bind the same port again later.
         let late = !delay.is_zero();
@@ -138,6 +142,7 @@ impl ImdsDouble {
                 }
                 None => tokio::net::TcpListener::bind(addr).await.expect("rebind"),
             };
+            *since.lock().unwrap() = Some(Instant::now());
             let app =
                 axum::Router::new().fallback(move |m, u, h, b| handle(st.clone(), m, u, h, b));
             axum::serve(
@@ -154,6 +159,7 @@ impl ImdsDouble {
             addr,
             state,
             drop_connections,
+            listening_since,
         }
     }
 
