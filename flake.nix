@@ -35,7 +35,7 @@
 
       packages = forLinuxSystems ({ pkgs, ... }: rec {
         nixos-ami-agent = pkgs.callPackage ./agent/package.nix { };
-        nixos-ami-agent-test-doubles = pkgs.callPackage ./tests/package.nix { };
+        nixos-ami-agent-test-doubles = pkgs.callPackage ./tests/package.nix { inherit nixos-ami-agent; };
         default = nixos-ami-agent;
       });
 

@@ -1,25 +1,16 @@
 # The IMDS and SSM doubles as one program, for the NixOS VM tests (the same
-# code the black-box and container tests run against).
+# code the black-box and container tests run against). Built from the
+# agent package's source: the workspace is one lock file.
 { lib
 , rustPlatform
+, nixos-ami-agent
 ,
 }:
 rustPlatform.buildRustPackage {
   pname = "nixos-ami-agent-test-doubles";
   version = "0";
 
-  src = lib.fileset.toSource {
-    root = ../.;
-    fileset = lib.fileset.unions [
-      ../Cargo.toml
-      ../Cargo.lock
-      ../agent/Cargo.toml
-      ../agent/src
-      ../agent/systemd
-      ../tests/Cargo.toml
-      ../tests/src
-    ];
-  };
+  inherit (nixos-ami-agent) src;
   cargoLock.lockFile = ../Cargo.lock;
 
   cargoBuildFlags = [ "--package" "nixos-ami-agent-tests" "--bin" "nixos-ami-agent-doubles" ];

@@ -486,10 +486,7 @@ fi
     }
 
     pub fn call_lines(&self) -> Vec<String> {
-        self.calls()
-            .iter()
-            .map(|c| format!("{} {}", c.prog, c.argv.join(" ")))
-            .collect()
+        crate::standin::call_lines(&self.path(crate::standin::DEFAULT_DIR))
     }
 
     pub fn state(&self) -> serde_json::Value {

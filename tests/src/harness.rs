@@ -65,6 +65,21 @@ impl axum::serve::Listener for Dropping {
     }
 }
 
+/// Serves `app` on `listener` (bound already, so its port is known) on the
+/// doubles' runtime; `drop` connections are accepted and closed first.
+pub fn serve(
+    rt: &tokio::runtime::Runtime,
+    listener: std::net::TcpListener,
+    app: axum::Router,
+    drop: Arc<AtomicU32>,
+) {
+    listener.set_nonblocking(true).unwrap();
+    rt.spawn(async move {
+        let inner = tokio::net::TcpListener::from_std(listener).unwrap();
+        axum::serve(Dropping { inner, drop }, app).await.unwrap();
+    });
+}
+
 /// A binary of this workspace, next to the test executable's directory
 /// (`target/debug/deps/..`).
 pub fn workspace_bin(name: &str) -> PathBuf {
@@ -332,10 +347,7 @@ impl Scenario {
 
     /// Argv of every stand-in call, as `prog arg arg`.
     pub fn call_lines(&self) -> Vec<String> {
-        self.calls()
-            .iter()
-            .map(|c| format!("{} {}", c.prog, c.argv.join(" ")))
-            .collect()
+        standin::call_lines(&self.path("standin"))
     }
 
     pub fn state(&self) -> serde_json::Value {

@@ -96,19 +96,11 @@ impl SsmDouble {
 
     pub fn start_at(rt: &tokio::runtime::Runtime, addr: SocketAddr, ssm: Ssm) -> Self {
         let listener = std::net::TcpListener::bind(addr).expect("bind the SSM double");
-        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(ssm));
         let st = state.clone();
-        rt.spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let app = axum::Router::new().fallback(move |h, b| handle(st.clone(), h, b));
-            let l = crate::harness::Dropping {
-                inner: listener,
-                drop: Arc::new(AtomicU32::new(0)),
-            };
-            axum::serve(l, app).await.unwrap();
-        });
+        let app = axum::Router::new().fallback(move |h, b| handle(st.clone(), h, b));
+        crate::harness::serve(rt, listener, app, Arc::new(AtomicU32::new(0)));
         Self { addr, state }
     }
 

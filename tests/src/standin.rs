@@ -72,6 +72,14 @@ pub fn calls(dir: &Path) -> Vec<Call> {
         .collect()
 }
 
+/// Every call as `prog arg arg`.
+pub fn call_lines(dir: &Path) -> Vec<String> {
+    calls(dir)
+        .iter()
+        .map(|c| format!("{} {}", c.prog, c.argv.join(" ")))
+        .collect()
+}
+
 fn record(dir: &Path, prog: &str, argv: &[String]) {
     use std::io::Write;
     let line = serde_json::to_string(&Call {

@@ -27,19 +27,11 @@ pub struct StsDouble {
 impl StsDouble {
     pub fn start(rt: &tokio::runtime::Runtime) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(Sts::default()));
         let st = state.clone();
-        rt.spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let app = axum::Router::new().fallback(move |h, b| handle(st.clone(), h, b));
-            let l = crate::harness::Dropping {
-                inner: listener,
-                drop: Arc::new(AtomicU32::new(0)),
-            };
-            axum::serve(l, app).await.unwrap();
-        });
+        let app = axum::Router::new().fallback(move |h, b| handle(st.clone(), h, b));
+        crate::harness::serve(rt, listener, app, Arc::new(AtomicU32::new(0)));
         Self { addr, state }
     }
 
