@@ -80,11 +80,6 @@ impl Failure {
             | Failure::Reboot(_) => FAILED,
         }
     }
-
-    /// Whether retrying later may help (for messages and, later, the unit).
-    pub fn is_temporary(&self) -> bool {
-        self.exit_code() == TEMPFAIL
-    }
 }
 
 #[cfg(test)]

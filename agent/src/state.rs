@@ -216,10 +216,6 @@ impl Store {
         self.dir.join(FILE)
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     pub async fn lock(&self, wait: Duration) -> Result<Lock, StateError> {
         let path = self.dir.join(LOCK);
         let file = OpenOptions::new()
