@@ -416,10 +416,17 @@ fi
 
     /// The agent unit's journal entries, all boots, as JSON objects.
     pub fn journal(&self) -> Vec<serde_json::Value> {
+        self.journal_matching(&["-u", "nixos-ami-agent.service"])
+    }
+
+    /// Entries of the machine's journal over all boots, filtered by
+    /// `journalctl` arguments (`-u UNIT`, `FIELD=VALUE`).
+    pub fn journal_matching(&self, filter: &[&str]) -> Vec<serde_json::Value> {
         let out = Command::new("journalctl")
             .arg("-D")
             .arg(self.path("/var/log/journal"))
-            .args(["-o", "json", "--no-pager", "-u", "nixos-ami-agent.service"])
+            .args(["-o", "json", "--no-pager"])
+            .args(filter)
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout)
