@@ -3,10 +3,10 @@
 //! reboot requests they get. The agent finds it through
 //! `DBUS_SYSTEM_BUS_ADDRESS`; it never sees the host's system bus.
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 pub type Calls = Arc<Mutex<Vec<String>>>;
 
@@ -58,27 +58,30 @@ impl BusDouble {
     pub fn start(rt: &tokio::runtime::Runtime, dir: &Path, logind: bool, systemd: bool) -> Self {
         let socket = dir.join("system_bus_socket");
         let address = format!("unix:path={}", socket.display());
-        let daemon = Command::new("dbus-daemon")
+        // The daemon prints its address once it accepts connections; the
+        // socket file alone appears at bind(), before listen().
+        let mut daemon = Command::new("dbus-daemon")
             .args([
                 "--session",
                 "--nofork",
                 "--nopidfile",
+                "--print-address=1",
                 "--address",
                 &address,
             ])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("dbus-daemon (Debian package dbus-daemon) is installed");
-        let start = Instant::now();
-        while !socket.exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "dbus-daemon did not start"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let mut ready = String::new();
+        BufReader::new(daemon.stdout.take().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert!(
+            ready.starts_with("unix:"),
+            "dbus-daemon did not start on {address}"
+        );
         let calls = Calls::default();
         let mut connections = vec![];
         rt.block_on(async {
