@@ -18,3 +18,4 @@ pub mod imds;
 pub mod ssm;
 pub mod standin;
 pub mod sts;
+pub mod tls;

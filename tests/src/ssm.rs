@@ -3,6 +3,7 @@
 //! `{"Name": ..., "WithDecryption": true}`, SigV4-signed. Parameters are
 //! keyed by the exact `Name` requested (`name`, `name:label`, an ARN).
 
+use crate::tls::{TestCa, TlsListener};
 use axum::body::{Body, Bytes};
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -87,6 +88,10 @@ pub struct Ssm {
 pub struct SsmDouble {
     pub addr: SocketAddr,
     pub state: Arc<Mutex<Ssm>>,
+    /// Served over TLS (see [`SsmDouble::start_tls`]).
+    tls: bool,
+    /// TLS handshakes that did not complete: the client refused us.
+    pub refused: Arc<AtomicU32>,
 }
 
 impl SsmDouble {
@@ -101,11 +106,49 @@ impl SsmDouble {
         let st = state.clone();
         let app = axum::Router::new().fallback(move |h, b| handle(st.clone(), h, b));
         crate::harness::serve(rt, listener, app, Arc::new(AtomicU32::new(0)));
-        Self { addr, state }
+        Self {
+            addr,
+            state,
+            tls: false,
+            refused: Arc::default(),
+        }
+    }
+
+    /// The same double behind HTTPS on `localhost`, with a certificate
+    /// `ca` signed, as the real endpoint is.
+    pub fn start_tls(rt: &tokio::runtime::Runtime, ssm: Ssm, ca: &TestCa) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the SSM double");
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(ssm));
+        let st = state.clone();
+        let app = axum::Router::new().fallback(move |h, b| handle(st.clone(), h, b));
+        let refused = Arc::new(AtomicU32::new(0));
+        let acceptor = tokio_rustls::TlsAcceptor::from(ca.server.clone());
+        let counter = refused.clone();
+        rt.spawn(async move {
+            let inner = tokio::net::TcpListener::from_std(listener).unwrap();
+            let tls = TlsListener {
+                inner,
+                acceptor,
+                refused: counter,
+            };
+            axum::serve(tls, app).await.unwrap();
+        });
+        Self {
+            addr,
+            state,
+            tls: true,
+            refused,
+        }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     pub fn with<R>(&self, f: impl FnOnce(&mut Ssm) -> R) -> R {

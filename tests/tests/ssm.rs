@@ -2,11 +2,13 @@
 //! request shape, region choice, selectors, faults, bad values, secrets,
 //! and instance-role credentials from IMDS.
 
+use nixos_ami_agent_tests::harness::rt;
 use nixos_ami_agent_tests::harness::{
     REF, REF_NEW_KERNEL, STATIC_ACCESS_KEY, Scenario, toml_user_data,
 };
 use nixos_ami_agent_tests::imds::ROLE_ACCESS_KEY;
-use nixos_ami_agent_tests::ssm::{Fault, Param};
+use nixos_ami_agent_tests::ssm::{Fault, Param, Ssm, SsmDouble};
+use nixos_ami_agent_tests::tls::TestCa;
 
 const PARAM: &str = "/fleets/web/target";
 
@@ -360,4 +362,55 @@ fn no_ca_certificates_is_a_clear_permanent_error() {
     assert!(!out.stderr.contains("panicked"), "{out:?}");
     assert!(s.ssm.with(|x| x.requests.is_empty()));
     assert!(s.calls().is_empty());
+}
+
+/// SSM over HTTPS, as on EC2: the agent verifies the endpoint against the
+/// system's trust store (here only `SSL_CERT_FILE`, holding a test CA).
+fn tls_scenario(trusted: &TestCa, served_by: &TestCa) -> Scenario {
+    let mut s = Scenario::new();
+    s.user_data(toml_user_data(&format!("ssm-parameter = \"{PARAM}\"")));
+    s.ssm = SsmDouble::start_tls(rt(), Ssm::default(), served_by);
+    s.ssm
+        .with(|x| x.params.insert(PARAM.into(), Param::string(REF, 1)));
+    std::fs::write(s.path("ca.pem"), &trusted.ca_pem).unwrap();
+    std::fs::create_dir_all(s.path("no-certs")).unwrap();
+    s.env.push((
+        "SSL_CERT_FILE".into(),
+        s.path("ca.pem").display().to_string(),
+    ));
+    s.env.push((
+        "SSL_CERT_DIR".into(),
+        s.path("no-certs").display().to_string(),
+    ));
+    s
+}
+
+#[test]
+fn https_endpoint_signed_by_a_trusted_ca_is_read() {
+    let ca = TestCa::new("nixos-ami-agent test CA");
+    let s = tls_scenario(&ca, &ca);
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(s.ssm.with(|x| x.requests.len()), 1);
+    assert_eq!(s.current_system(), s.store_path("new-system"));
+}
+
+/// A certificate from a CA the system does not trust is refused: nothing
+/// is read, nothing applied.
+#[test]
+fn https_endpoint_signed_by_an_unknown_ca_is_refused() {
+    let trusted = TestCa::new("nixos-ami-agent test CA");
+    let impostor = TestCa::new("impostor CA");
+    let mut s = tls_scenario(&trusted, &impostor);
+    s.set_agent("retry-budget", "\"1s\"");
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 75, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("invalid peer certificate: UnknownIssuer"),
+        "{out:?}"
+    );
+    assert!(s.ssm.refused.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    assert!(s.ssm.with(|x| x.requests.is_empty()));
+    assert!(s.calls().is_empty(), "{:?}", s.calls());
 }

@@ -2,6 +2,11 @@
 //! floor, in one run, against the same local doubles as the tests.
 //!
 //! nixos-ami-agent-bench [--smoke] [--out FILE]
+//! nixos-ami-agent-bench --profile noop|apply|ssm PROGRAM [ARGS...]
+//!
+//! `--profile` sets up one case's doubles and runs the agent once under
+//! PROGRAM (`perf record -g`, `strace -f -r -o FILE`, ...), to see where
+//! the time goes.
 //!
 //! Reports medians over repeated runs and ratios measured in the same run
 //! (the machine is shared and noisy); asserts nothing about time.
@@ -302,8 +307,37 @@ fn file_size(path: &std::path::Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.len())
 }
 
+/// Runs `wrapper... agent --config ... run` with the scenario's
+/// environment, and exits with its status.
+fn profile(case: &str, wrapper: &[String]) -> ! {
+    let case = match case {
+        "noop" => Case::NoOp,
+        "apply" => Case::Apply,
+        "ssm" => Case::SsmNoOp,
+        other => panic!("--profile: unknown case {other:?} (noop, apply, ssm)"),
+    };
+    assert!(!wrapper.is_empty(), "--profile CASE PROGRAM [ARGS...]");
+    let s = scenario(case);
+    let agent = s.command(&["run"]);
+    let mut cmd = Command::new(&wrapper[0]);
+    cmd.args(&wrapper[1..])
+        .arg(agent.get_program())
+        .args(agent.get_args())
+        .env_clear();
+    for (k, v) in agent.get_envs() {
+        if let Some(v) = v {
+            cmd.env(k, v);
+        }
+    }
+    let status = cmd.status().expect("run the wrapper");
+    std::process::exit(status.code().unwrap_or(1));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--profile") {
+        profile(&args[i + 1], &args[i + 2..]);
+    }
     let smoke = args.iter().any(|a| a == "--smoke");
     let out = args
         .iter()
