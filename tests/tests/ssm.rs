@@ -347,15 +347,7 @@ fn no_instance_role_is_tempfail_after_the_budget() {
 #[test]
 fn no_ca_certificates_is_a_clear_permanent_error() {
     let mut s = scenario(PARAM, Param::string(REF, 1));
-    std::fs::create_dir_all(s.path("no-certs")).unwrap();
-    s.env.push((
-        "SSL_CERT_FILE".into(),
-        s.path("empty").display().to_string(),
-    ));
-    s.env.push((
-        "SSL_CERT_DIR".into(),
-        s.path("no-certs").display().to_string(),
-    ));
+    trust_only(&mut s, "empty");
     let out = s.run(&["run"]);
     assert_eq!(out.code, 69, "{out:?}");
     assert!(out.stderr.contains("no CA certificates found"), "{out:?}");
@@ -373,16 +365,16 @@ fn tls_scenario(trusted: &TestCa, served_by: &TestCa) -> Scenario {
     s.ssm
         .with(|x| x.params.insert(PARAM.into(), Param::string(REF, 1)));
     std::fs::write(s.path("ca.pem"), &trusted.ca_pem).unwrap();
-    std::fs::create_dir_all(s.path("no-certs")).unwrap();
-    s.env.push((
-        "SSL_CERT_FILE".into(),
-        s.path("ca.pem").display().to_string(),
-    ));
-    s.env.push((
-        "SSL_CERT_DIR".into(),
-        s.path("no-certs").display().to_string(),
-    ));
+    trust_only(&mut s, "ca.pem");
     s
+}
+
+/// The system's trust store is the scenario's `file` and nothing else.
+fn trust_only(s: &mut Scenario, file: &str) {
+    std::fs::create_dir_all(s.path("no-certs")).unwrap();
+    let var = |name: &str, path: &str| (name.to_owned(), s.path(path).display().to_string());
+    let vars = [var("SSL_CERT_FILE", file), var("SSL_CERT_DIR", "no-certs")];
+    s.env.extend(vars);
 }
 
 #[test]

@@ -9,6 +9,25 @@ pub mod document;
 pub mod output_ref;
 pub mod parameter;
 
+/// The checks every value that ends up in a program's argv or a request
+/// shares: present, bounded, one plain token that cannot pass for a flag.
+/// Reasons never quote the value (it may come from a SecureString).
+fn plain_token(raw: &str, max_len: usize) -> Result<(), String> {
+    if raw.is_empty() {
+        return Err("is empty".into());
+    }
+    if raw.len() > max_len {
+        return Err(format!("is longer than {max_len} characters"));
+    }
+    if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("contains whitespace or control characters".into());
+    }
+    if raw.starts_with('-') {
+        return Err("starts with `-`, which a program would read as a flag".into());
+    }
+    Ok(())
+}
+
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::PathBuf;

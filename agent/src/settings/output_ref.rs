@@ -39,18 +39,7 @@ impl fmt::Debug for OutputRef {
 }
 
 fn check(raw: &str) -> Result<(), String> {
-    if raw.is_empty() {
-        return Err("is empty".into());
-    }
-    if raw.len() > MAX_LEN {
-        return Err(format!("is longer than {MAX_LEN} characters"));
-    }
-    if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("contains whitespace or control characters".into());
-    }
-    if raw.starts_with('-') {
-        return Err("starts with `-`, which a program would read as a flag".into());
-    }
+    super::plain_token(raw, MAX_LEN)?;
     let expected =
         format!("expected {{org}}/{{flake}}/{{version_req}}#{{attr_path}}, e.g. {EXAMPLE}");
     let rest = raw.strip_prefix(URL_PREFIX).unwrap_or(raw);

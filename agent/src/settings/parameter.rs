@@ -19,18 +19,7 @@ pub struct ParameterName {
 
 impl ParameterName {
     pub fn parse(raw: &str) -> Result<Self, String> {
-        if raw.is_empty() {
-            return Err("is empty".into());
-        }
-        if raw.len() > MAX_LEN {
-            return Err(format!("is longer than {MAX_LEN} characters"));
-        }
-        if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err("contains whitespace or control characters".into());
-        }
-        if raw.starts_with('-') {
-            return Err("starts with `-`".into());
-        }
+        super::plain_token(raw, MAX_LEN)?;
         if let Some(arn) = raw.strip_prefix("arn:") {
             let parts: Vec<&str> = arn.splitn(5, ':').collect();
             let [partition, service, region, account, resource] = parts[..] else {
