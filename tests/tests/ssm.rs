@@ -406,3 +406,15 @@ fn https_endpoint_signed_by_an_unknown_ca_is_refused() {
     assert!(s.ssm.with(|x| x.requests.is_empty()));
     assert!(s.calls().is_empty(), "{:?}", s.calls());
 }
+
+/// The SDK's service-agnostic `AWS_ENDPOINT_URL` (a VPC endpoint, a
+/// LocalStack) reaches SSM too, not only `AWS_ENDPOINT_URL_SSM`.
+#[test]
+fn generic_endpoint_url_is_honoured() {
+    let mut s = scenario(PARAM, Param::string(REF, 1));
+    s.env_remove.push("AWS_ENDPOINT_URL_SSM".into());
+    s.env.push(("AWS_ENDPOINT_URL".into(), s.ssm.url()));
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(s.ssm.with(|x| x.requests.len()), 1);
+}
