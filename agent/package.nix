@@ -12,13 +12,15 @@ rustPlatform.buildRustPackage {
   pname = "nixos-ami-agent";
   inherit (cargoToml.package) version;
 
-  # The workspace (the lock file covers both members), nothing else: a
+  # The workspace (the lock file covers all members), nothing else: a
   # change to the README or the Nix files does not rebuild the agent.
   src = lib.fileset.toSource {
     root = ../.;
     fileset = lib.fileset.unions [
       ../Cargo.toml
       ../Cargo.lock
+      ../core/Cargo.toml
+      ../core/src
       ../agent/Cargo.toml
       ../agent/src
       ../agent/systemd
@@ -32,7 +34,7 @@ rustPlatform.buildRustPackage {
   cargoBuildFlags = [ "--package" "nixos-ami-agent" ];
   # The unit tests. The black-box and boot tests need the doubles and
   # root; scripts/test and the NixOS VM tests run those.
-  cargoTestFlags = [ "--package" "nixos-ami-agent" "--lib" ];
+  cargoTestFlags = [ "--package" "nixos-ami-agent-core" "--package" "nixos-ami-agent" "--lib" ];
 
   postInstall = ''
     install -Dm644 agent/systemd/nixos-ami-agent.service agent/systemd/nixos-ami-agent.timer \

@@ -5,24 +5,27 @@
 //! [`imds`] and [`ssm`] fetch, [`userdata`] sniffs, [`settings`] validates
 //! and layers, [`plan`] decides, [`steps`] run the programs, [`state`]
 //! remembers. [`run`] strings them together; [`cli`] is the front door.
+//!
+//! The pure part (user data, settings, config, plan: no network, no
+//! processes, no state) is its own crate, `nixos-ami-agent-core`, so that
+//! it can be fuzzed and tested without the AWS SDK; it is re-exported here
+//! under the same paths.
+
+pub use nixos_ami_agent_core::{config, plan, settings, userdata};
 
 pub mod aws;
 pub mod cli;
-pub mod config;
 pub mod doctor;
 pub mod exit;
 pub mod imds;
 pub mod log;
 pub mod notify;
-pub mod plan;
 pub mod process;
 pub mod reboot;
 pub mod redact;
 pub mod retry;
 pub mod run;
-pub mod settings;
 pub mod ssm;
 pub mod state;
 pub mod steps;
 pub mod system;
-pub mod userdata;

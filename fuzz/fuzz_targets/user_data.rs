@@ -5,9 +5,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nixos_ami_agent::config::Config;
-use nixos_ami_agent::settings::{OutputRef, Target, parameter};
-use nixos_ami_agent::userdata;
+use nixos_ami_agent_core::config::Config;
+use nixos_ami_agent_core::settings::{OutputRef, Target, parameter};
+use nixos_ami_agent_core::userdata;
 use std::path::Path;
 
 fn safe(arg: &str) {

@@ -5,9 +5,9 @@
 //! whatever is accepted must be safe to hand to a program. The same entry
 //! points are fuzzed by `fuzz/` (cargo-fuzz).
 
-use nixos_ami_agent::config::Config;
-use nixos_ami_agent::settings::{OutputRef, ParameterName, Target, parameter};
-use nixos_ami_agent::userdata::{self, gzip};
+use nixos_ami_agent_core::config::Config;
+use nixos_ami_agent_core::settings::{OutputRef, ParameterName, Target, parameter};
+use nixos_ami_agent_core::userdata::{self, gzip};
 use proptest::prelude::*;
 use std::io::Write;
 use std::path::Path;
