@@ -6,7 +6,7 @@
 use crate::config::Config;
 use crate::exit::Failure;
 use crate::imds::{Imds, ImdsError};
-use crate::process::check_program;
+use crate::process::{check_program, find_in, search_path};
 use crate::retry::Backoff;
 use crate::run::{self, Environment};
 use crate::settings::{SettingsError, Target};
@@ -99,6 +99,7 @@ pub async fn run(
             ),
         });
     }
+    checks.push(nix_for_fh(agent));
     checks.push(state_dir(&agent.state_dir));
 
     let (imds, endpoint) = match run::imds(&config, env) {
@@ -236,6 +237,34 @@ pub async fn run(
         Err(e) => check("SSM parameter", Status::Fail, e.to_string(), None),
     });
     checks
+}
+
+/// `fh apply` refuses to run without `nix` on its PATH; look where the
+/// agent's children look.
+fn nix_for_fh(agent: &crate::config::Agent) -> Check {
+    let path = search_path(&agent.current_system, std::env::var_os("PATH").as_deref());
+    match find_in(&path, "nix") {
+        Some(nix) => check(
+            "nix for fh",
+            Status::Pass,
+            format!("fh will run {}", nix.display()),
+            None,
+        ),
+        None => check(
+            "nix for fh",
+            Status::Fail,
+            format!(
+                "no nix on the PATH the agent gives fh ({}): `fh apply` would fail with \
+                 \"nix is not installed or not on the PATH\"",
+                path.to_string_lossy()
+            ),
+            Some(
+                "the running system must carry nix in its sw/bin (Determinate's NixOS module and \
+                 nixpkgs' nix module install it), or the unit's PATH must have it \
+                 (systemd.services.nixos-ami-agent.path)",
+            ),
+        ),
+    }
 }
 
 fn state_dir(dir: &Path) -> Check {

@@ -1,6 +1,10 @@
 //! The one way the agent runs a program: by absolute path, argv only (no
 //! shell), in its own process group, with a timeout that kills the whole
 //! group, and every output line passed on to the log tagged with its step.
+//!
+//! What a program inherits: the agent's environment, minus what belongs to
+//! the agent alone ([`NOT_INHERITED`]), with a PATH that starts with the
+//! running system's programs ([`search_path`]).
 
 use crate::redact::Redactor;
 use nix::sys::signal::{Signal, killpg};
@@ -22,6 +26,51 @@ const KILL_GRACE: Duration = Duration::from_secs(5);
 /// How long output may trail the exit of the main process (a daemonised
 /// grandchild holding the pipe must not hang the run).
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// Never passed on: the unit's notify socket (only the agent speaks for
+/// its unit: a script calling `systemd-notify --ready` must not end the
+/// start-up early), socket activation and watchdog meant for the agent,
+/// and dynamic-linker variables that would load code into every program
+/// the agent runs as root.
+pub const NOT_INHERITED: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_PID",
+    "WATCHDOG_USEC",
+    "LD_PRELOAD",
+    "LD_LIBRARY_PATH",
+    "LD_AUDIT",
+];
+
+/// The PATH every program the agent runs gets: setuid wrappers and the
+/// running system's programs first, then the agent's own PATH.
+///
+/// A NixOS unit's PATH is only coreutils, findutils, gnugrep, gnused and
+/// systemd (nixpkgs `nixos/lib/systemd-lib.nix`, `stage2ServiceConfig`),
+/// and `fh apply` refuses to run without `nix` on its PATH
+/// (DeterminateSystems/fh `src/cli/cmd/mod.rs`, `nix_command`: "nix is not
+/// installed or not on the PATH"); the system's `sw/bin` has it. The
+/// NixOS module also puts `nix` on the unit's `path`, but a unit file used
+/// without the module must work too.
+pub fn search_path(current_system: &Path, inherited: Option<&std::ffi::OsStr>) -> OsString {
+    let mut path = OsString::from("/run/wrappers/bin:");
+    path.push(current_system.join("sw/bin"));
+    if let Some(rest) = inherited.filter(|p| !p.is_empty()) {
+        path.push(":");
+        path.push(rest);
+    }
+    path
+}
+
+/// The first executable `name` in a PATH-like list of directories, as
+/// `execvp` would find it.
+pub fn find_in(path: &std::ffi::OsStr, name: &str) -> Option<PathBuf> {
+    std::env::split_paths(path)
+        .map(|dir| dir.join(name))
+        .find(|p| check_program(p).is_ok())
+}
 
 pub struct Program<'a> {
     pub path: &'a Path,
@@ -50,6 +99,14 @@ impl<'a> Program<'a> {
 
     pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, args: I) -> Self {
         self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// PATH = [`search_path`] for the system at `current_system`.
+    pub fn system_path(mut self, current_system: &Path) -> Self {
+        let path = search_path(current_system, std::env::var_os("PATH").as_deref());
+        self.env.retain(|(k, _)| k != "PATH");
+        self.env.push(("PATH".into(), path));
         self
     }
 }
@@ -100,10 +157,10 @@ pub fn describe(status: ExitStatus) -> String {
 pub async fn run(p: &Program<'_>, redactor: &Redactor) -> Result<Output, ProcessError> {
     check_program(p.path)?;
     let mut cmd = tokio::process::Command::new(p.path);
+    for k in NOT_INHERITED {
+        cmd.env_remove(k);
+    }
     cmd.args(&p.args)
-        // Only the agent speaks for its unit: a script calling
-        // `systemd-notify --ready` must not end the start-up early.
-        .env_remove("NOTIFY_SOCKET")
         .envs(p.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -324,6 +381,40 @@ mod tests {
         );
         assert!(check_program(Path::new("fh")).is_err());
         assert!(check_program(d.path()).is_err());
+    }
+
+    #[test]
+    fn search_path_puts_the_system_first() {
+        let p = search_path(
+            Path::new("/run/current-system"),
+            Some("/usr/bin:/bin".as_ref()),
+        );
+        assert_eq!(
+            p,
+            "/run/wrappers/bin:/run/current-system/sw/bin:/usr/bin:/bin"
+        );
+        assert_eq!(
+            search_path(Path::new("/s"), Some("".as_ref())),
+            "/run/wrappers/bin:/s/sw/bin"
+        );
+        assert_eq!(
+            search_path(Path::new("/s"), None),
+            "/run/wrappers/bin:/s/sw/bin"
+        );
+    }
+
+    #[test]
+    fn find_in_takes_the_first_executable() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(a.join("nix"), "not executable").unwrap();
+        let found = script(&b, "true");
+        std::fs::rename(&found, b.join("nix")).unwrap();
+        let path = std::env::join_paths([&a, &b]).unwrap();
+        assert_eq!(find_in(&path, "nix"), Some(b.join("nix")));
+        assert_eq!(find_in(&path, "fh"), None);
     }
 
     #[tokio::test]

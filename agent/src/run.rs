@@ -19,7 +19,6 @@ use crate::state::{
 use crate::steps::{apply, login, resolve, script};
 use crate::system;
 use crate::userdata::{self, Digest, UserData};
-use std::ffi::OsString;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use tracing::{Instrument, Span, field};
@@ -31,8 +30,6 @@ pub struct Environment {
     pub imds_endpoint: Option<String>,
     /// `AWS_REGION`, else `AWS_DEFAULT_REGION`.
     pub region: Option<String>,
-    /// `PATH`, appended to the scripts' PATH.
-    pub path: Option<OsString>,
 }
 
 impl Environment {
@@ -41,7 +38,6 @@ impl Environment {
         Self {
             imds_endpoint: var(crate::config::IMDS_ENDPOINT_ENV),
             region: var("AWS_REGION").or_else(|| var("AWS_DEFAULT_REGION")),
-            path: std::env::var_os("PATH"),
         }
     }
 }
@@ -537,7 +533,7 @@ async fn run_scripts(
     state: &mut State,
     ud: &UserData,
 ) -> Result<usize, Failure> {
-    let (config, env, store) = (ctx.config, ctx.env, ctx.store);
+    let (config, store) = (ctx.config, ctx.store);
     let mut failures = 0;
     let dir = config.agent.state_dir.join("scripts");
     for (index, s) in ud.scripts.iter().enumerate() {
@@ -580,7 +576,7 @@ async fn run_scripts(
             index,
             &dir,
             config.agent.script_timeout,
-            env.path.clone(),
+            &config.agent.current_system,
         )
         .await;
         if r.success {

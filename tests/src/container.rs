@@ -19,6 +19,10 @@ pub const REF_NEW_KERNEL: &str = "my-org/web/0.2#nixosConfigurations.web";
 pub const REF_NEXT: &str = "my-org/web/0.3#nixosConfigurations.web";
 pub const INSTANCE_ID: &str = "i-0c0ffee0c0ffee000";
 const FAKE: &str = "/var/lib/fake-nixos";
+/// Off every PATH: only the fake systems' `sw/bin` links to it.
+const FAKE_NIX: &str = "/usr/lib/fake-nix/nix";
+/// The boot run, and every later run.
+pub const AGENT_UNITS: [&str; 2] = ["nixos-ami-agent.service", "nixos-ami-agent-run.service"];
 
 /// Why the boot tests cannot run here, if they cannot.
 pub fn unavailable() -> Option<String> {
@@ -166,8 +170,12 @@ impl Container {
             unit_text("nixos-ami-agent.service"),
         );
         self.write(
-            "/etc/systemd/system/nixos-ami-agent.timer",
-            unit_text("nixos-ami-agent.timer"),
+            "/etc/systemd/system/nixos-ami-agent-run.service",
+            unit_text("nixos-ami-agent-run.service"),
+        );
+        self.write(
+            "/etc/systemd/system/nixos-ami-agent-run.timer",
+            unit_text("nixos-ami-agent-run.timer"),
         );
         self.write(
             "/usr/lib/systemd/system-preset/80-nixos-ami-agent.preset",
@@ -176,11 +184,13 @@ impl Container {
         self.enable("nixos-ami-agent.service", "multi-user.target");
         // What the test environment adds: the SSM double's endpoint.
         // Credentials come from the instance role, through IMDS, as on EC2.
-        self.write(
-            "/etc/systemd/system/nixos-ami-agent.service.d/test-endpoints.conf",
-            "[Unit]\nAfter=doubles.service fake-nixos-boot.service\n\n\
-             [Service]\nEnvironment=AWS_ENDPOINT_URL_SSM=http://127.0.0.1:4566\n",
-        );
+        for unit in AGENT_UNITS {
+            self.write(
+                &format!("/etc/systemd/system/{unit}.d/test-endpoints.conf"),
+                "[Unit]\nAfter=doubles.service fake-nixos-boot.service\n\n\
+                 [Service]\nEnvironment=AWS_ENDPOINT_URL_SSM=http://127.0.0.1:4566\n",
+            );
+        }
         self.write(
             "/etc/nixos-ami-agent/config.toml",
             format!(
@@ -227,6 +237,13 @@ impl Container {
                 )
                 .unwrap();
             }
+            // `nix` only in the system's sw/bin, as on NixOS: the unit's
+            // own PATH (Debian's default) must not find it.
+            std::fs::create_dir_all(self.path(&format!("{s}/sw/bin"))).unwrap();
+            for name in ["nix", "nix-env"] {
+                std::os::unix::fs::symlink(FAKE_NIX, self.path(&format!("{s}/sw/bin/{name}")))
+                    .unwrap();
+            }
         }
         std::os::unix::fs::symlink(
             format!("{FAKE}/store/old-system"),
@@ -264,24 +281,36 @@ impl Container {
             "/usr/local/bin/test-report",
             r#"#!/bin/sh
 u=nixos-ami-agent.service
-out=/var/lib/test-report/$(tr -d - < /proc/sys/kernel/random/boot_id)
+boot=$(tr -d - < /proc/sys/kernel/random/boot_id)
+out=/var/lib/test-report/$boot
 mkdir -p /var/lib/test-report
 settled() {
-  # One call, so one consistent snapshot of the unit from PID 1.
-  snap=$(systemctl show -p ActiveState -p Job -p ExecMainStartTimestampMonotonic $u)
-  echo "$snap" | grep -qE '^ActiveState=(inactive|failed)$' || return 1
+  # One call, so one consistent snapshot of the unit from PID 1. A boot
+  # run that ended is active (exited) on success, failed otherwise.
+  snap=$(systemctl show -p ActiveState -p SubState -p Job -p ExecMainStartTimestampMonotonic $u)
+  echo "$snap" | grep -qxE 'ActiveState=(inactive|failed)|SubState=exited' || return 1
   echo "$snap" | grep -qE '^Job=.+' && return 1
   echo "$snap" | grep -qE '^ExecMainStartTimestampMonotonic=0?$' && return 1
+  systemctl show -p ActiveState nixos-ami-agent-run.service | grep -qx 'ActiveState=activating' && return 1
   [ ! -x /etc/test-scenario/wait-for ] || /etc/test-scenario/wait-for
 }
 # Settled twice in a row, half a second apart: no restart pending.
-while :; do
-  if settled; then
-    sleep 0.5
-    settled && break
-  fi
-  sleep 0.2
-done
+wait_settled() {
+  while :; do
+    if settled; then
+      sleep 0.5
+      settled && break
+    fi
+    sleep 0.2
+  done
+}
+wait_settled
+# A scenario's action once the run has settled (once per boot), then
+# settle again.
+if [ -x /etc/test-scenario/after ] && [ ! -e "$out.after" ]; then
+  /etc/test-scenario/after > "$out.after" 2>&1
+  wait_settled
+fi
 systemctl status $u --no-pager --lines=0 > "$out.status" 2>&1
 systemctl show $u > "$out.show"
 if ! systemctl list-jobs --no-legend | grep -qE 'reboot.target|poweroff.target'; then
@@ -320,6 +349,12 @@ fi
         );
     }
 
+    /// A shell script the reporter runs once per boot after the unit has
+    /// settled; it then waits for the unit to settle again.
+    pub fn after_settled(&self, shell: &str) {
+        self.executable("/etc/test-scenario/after", &format!("#!/bin/sh\n{shell}\n"));
+    }
+
     /// A condition the reporter waits for besides the unit settling.
     pub fn wait_for(&self, shell: &str) {
         self.executable(
@@ -328,12 +363,19 @@ fi
         );
     }
 
+    /// Enables the watch timer with a short interval, as the NixOS module
+    /// does (a drop-in resetting the package's values).
     pub fn enable_timer(&self, interval: &str, delay: &str) {
         self.write(
-            "/etc/systemd/system/nixos-ami-agent.timer.d/interval.conf",
-            format!("[Timer]\nOnUnitInactiveSec=\nOnUnitInactiveSec={interval}\nRandomizedDelaySec={delay}\n"),
+            "/etc/systemd/system/nixos-ami-agent-run.timer.d/interval.conf",
+            // One empty assignment resets every OnXxxSec= of the unit
+            // (a second one would also drop the first value set here).
+            format!(
+                "[Timer]\nOnActiveSec=\nOnActiveSec={interval}\n\
+                 OnUnitInactiveSec={interval}\nRandomizedDelaySec={delay}\n"
+            ),
         );
-        self.enable("nixos-ami-agent.timer", "timers.target");
+        self.enable("nixos-ami-agent-run.timer", "timers.target");
     }
 
     /// Boots until the container powers off (following reboots), with
@@ -373,6 +415,7 @@ fi
                     "nixos-ami-agent-doubles",
                     "/usr/local/bin/nixos-ami-agent-doubles",
                 ))
+                .arg(bin("fake-nix", FAKE_NIX))
                 .stdin(std::process::Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
@@ -414,9 +457,10 @@ fi
             .join("\n--- reboot ---\n")
     }
 
-    /// The agent unit's journal entries, all boots, as JSON objects.
+    /// The agent units' journal entries (boot run and later runs), all
+    /// boots, as JSON objects.
     pub fn journal(&self) -> Vec<serde_json::Value> {
-        self.journal_matching(&["-u", "nixos-ami-agent.service"])
+        self.journal_matching(&["-u", AGENT_UNITS[0], "-u", AGENT_UNITS[1]])
     }
 
     /// Entries of the machine's journal over all boots, filtered by

@@ -173,6 +173,11 @@ impl Scenario {
             symlink(store.join(format!("kernel-{k}")), s.join("kernel")).unwrap();
             symlink(store.join(format!("initrd-{k}")), s.join("initrd")).unwrap();
             symlink(store.join("modules-1"), s.join("kernel-modules")).unwrap();
+            // Each system carries `nix`, as a NixOS system's `sw/bin` does;
+            // nothing else on the agent's PATH has one.
+            std::fs::create_dir_all(s.join("sw/bin")).unwrap();
+            symlink(workspace_bin("fake-nix"), s.join("sw/bin/nix")).unwrap();
+            symlink(workspace_bin("fake-nix"), s.join("sw/bin/nix-env")).unwrap();
         }
         symlink(store.join("old-system"), root.join("run/current-system")).unwrap();
         symlink(store.join("old-system"), root.join("run/booted-system")).unwrap();
@@ -300,7 +305,7 @@ impl Scenario {
         let mut c = Command::new(workspace_bin("nixos-ami-agent"));
         c.arg("--config").arg(self.config_path()).args(args);
         c.env_clear()
-            .env("PATH", "/usr/bin:/bin")
+            .env("PATH", host_bin())
             .env("HOME", self.root())
             .env(standin::DIR_ENV, self.path("standin"))
             .env("NIXOS_AMI_AGENT_LOG", "debug")
@@ -350,6 +355,11 @@ impl Scenario {
         standin::call_lines(&self.path("standin"))
     }
 
+    /// Calls of the `nix` stand-in, as `nix arg arg`.
+    pub fn nix_call_lines(&self) -> Vec<String> {
+        standin::nix_call_lines(&self.path("standin"))
+    }
+
     pub fn state(&self) -> serde_json::Value {
         let text =
             std::fs::read_to_string(self.path("state/state.json")).expect("state.json exists");
@@ -363,6 +373,47 @@ impl Scenario {
     pub fn system_profile(&self) -> PathBuf {
         std::fs::canonicalize(self.path("profiles/system")).unwrap()
     }
+}
+
+/// The agent's PATH in these tests: this machine's /usr/bin and /bin
+/// without any Nix program. Debian's nix (installed for the Nix lint)
+/// lives in /usr/bin, and a stand-in finding it would run the real nix,
+/// which reaches for the network; only the scenario's fake systems carry
+/// a `nix`, as a NixOS system's `sw/bin` does.
+pub fn host_bin() -> &'static str {
+    static DIR: OnceLock<String> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // Next to the workspace's binaries (target/debug/hostbin), built
+        // once per build directory and shared by every test process.
+        let dir = workspace_bin("nixos-ami-agent")
+            .parent()
+            .unwrap()
+            .join("hostbin");
+        if !dir.exists() {
+            let tmp = tempfile::Builder::new()
+                .prefix(".hostbin.")
+                .tempdir_in(dir.parent().unwrap())
+                .unwrap();
+            for from in ["/usr/bin", "/bin"] {
+                let Ok(entries) = std::fs::read_dir(from) else {
+                    continue;
+                };
+                for e in entries.flatten() {
+                    let name = e.file_name();
+                    let link = tmp.path().join(&name);
+                    if !name.to_string_lossy().starts_with("nix") && !link.exists() {
+                        let _ = symlink(e.path(), link);
+                    }
+                }
+            }
+            // Another test process may have won the race; either is fine.
+            let kept = tmp.keep();
+            if std::fs::rename(&kept, &dir).is_err() {
+                let _ = std::fs::remove_dir_all(&kept);
+            }
+        }
+        dir.display().to_string()
+    })
 }
 
 /// Waits for the agent, killing it (and failing the test) if it hangs.

@@ -1,8 +1,15 @@
-//! Stand-ins for `fh` and `determinate-nixd`. They record their argv in
-//! `$STANDIN_DIR/calls.jsonl` and behave as `$STANDIN_DIR/standin.json`
-//! says: succeed, fail (some times or always), hang, or (fh apply)
-//! "succeed" without switching, as real fh does when
+//! Stand-ins for `fh`, `determinate-nixd` and `nix`. They record their
+//! argv (and PATH) in `$STANDIN_DIR/calls.jsonl` and behave as
+//! `$STANDIN_DIR/standin.json` says: succeed, fail (some times or always),
+//! hang, or (fh apply) "succeed" without switching, as real fh does when
 //! switch-to-configuration fails.
+//!
+//! They are as strict as the programs they stand for: like the real fh
+//! (DeterminateSystems/fh `src/cli/cmd/mod.rs`, `nix_command`), the fh
+//! stand-in refuses `apply` with "nix is not installed or not on the PATH"
+//! when no `nix` can be started from its PATH, and it sets the system
+//! profile through that `nix` (`nix build --profile`), as fh does, so a
+//! PATH without `nix` fails here exactly as it would on an instance.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -49,6 +56,12 @@ pub struct Behaviour {
 pub struct Call {
     pub prog: String,
     pub argv: Vec<String>,
+    /// The caller's `PATH`, to prove what the agent hands its children.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Names of the environment variables the program got.
+    #[serde(default)]
+    pub env: Vec<String>,
 }
 
 pub fn read_behaviour(dir: &Path) -> Behaviour {
@@ -72,19 +85,40 @@ pub fn calls(dir: &Path) -> Vec<Call> {
         .collect()
 }
 
-/// Every call as `prog arg arg`.
+/// Every call of `fh` and `determinate-nixd` (the programs the agent
+/// runs) as `prog arg arg`.
 pub fn call_lines(dir: &Path) -> Vec<String> {
+    lines(dir, |p| !is_nix(p))
+}
+
+/// Every call of the `nix` stand-in (by fh, or by the agent's rollback).
+pub fn nix_call_lines(dir: &Path) -> Vec<String> {
+    lines(dir, is_nix)
+}
+
+fn is_nix(prog: &str) -> bool {
+    matches!(prog, "nix" | "nix-env")
+}
+
+fn lines(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<String> {
     calls(dir)
         .iter()
+        .filter(|c| keep(&c.prog))
         .map(|c| format!("{} {}", c.prog, c.argv.join(" ")))
         .collect()
 }
 
 fn record(dir: &Path, prog: &str, argv: &[String]) {
     use std::io::Write;
+    let mut env: Vec<String> = std::env::vars_os()
+        .map(|(k, _)| k.to_string_lossy().into_owned())
+        .collect();
+    env.sort();
     let line = serde_json::to_string(&Call {
         prog: prog.into(),
         argv: argv.to_vec(),
+        path: std::env::var("PATH").ok(),
+        env,
     })
     .unwrap();
     let mut f = std::fs::OpenOptions::new()
@@ -209,6 +243,14 @@ pub fn fh_main() -> ! {
                 eprintln!("error: no such flake output {reference}");
                 std::process::exit(1);
             };
+            // fh checks for `nix` by starting it from its PATH before it
+            // fetches anything.
+            if std::process::Command::new("nix").output().is_err() {
+                eprintln!(
+                    "Error: failed to copy resolved store path with Nix: nix is not installed or not on the PATH"
+                );
+                std::process::exit(1);
+            }
             if bump(&dir, "apply") <= b.apply_fail_times {
                 eprintln!("error: building the system failed (stand-in: transient)");
                 std::process::exit(1);
@@ -219,14 +261,33 @@ pub fn fh_main() -> ! {
                     eprintln!("error: building the system failed (stand-in)");
                     std::process::exit(1)
                 }
-                Mode::NoSwitch => {
-                    eprintln!("switch-to-configuration failed (stand-in; fh ignores it)");
-                    std::process::exit(0)
-                }
                 _ => {}
             }
-            if matches!(action, "switch" | "boot") {
-                point(&b.system_profile, path);
+            let store_path = path.display().to_string();
+            // What fh runs: fetch the closure, then set the system profile
+            // (for every action), then switch-to-configuration ACTION.
+            nix(&[
+                "copy",
+                "--option",
+                "narinfo-cache-negative-ttl",
+                "0",
+                "--from",
+                "https://cache.flakehub.com",
+                &store_path,
+            ]);
+            let profile = b.system_profile.display().to_string();
+            nix(&[
+                "build",
+                "--no-link",
+                "--max-jobs",
+                "0",
+                "--profile",
+                &profile,
+                &store_path,
+            ]);
+            if b.apply == Mode::NoSwitch {
+                eprintln!("switch-to-configuration failed (stand-in; fh ignores it)");
+                std::process::exit(0)
             }
             if matches!(action, "switch" | "test") {
                 point(&b.current_system, path);
@@ -238,6 +299,74 @@ pub fn fh_main() -> ! {
         }
         _ => {
             eprintln!("fh stand-in: unexpected argv {argv:?}");
+            std::process::exit(2)
+        }
+    }
+}
+
+/// Runs `nix` from PATH as fh does; fh fails when a nix command fails.
+fn nix(args: &[&str]) {
+    let ok = std::process::Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command flakes"])
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!(
+            "Error: Nix command `nix {}` failed; check prior Nix output for details",
+            args.join(" ")
+        );
+        std::process::exit(1);
+    }
+}
+
+/// The `nix` stand-in: `nix build --profile P PATH` and
+/// `nix-env --profile P --set PATH` point the profile at PATH; `nix copy`
+/// and a bare `nix` (fh's presence check) succeed.
+pub fn nix_main() -> ! {
+    let (dir, argv, _) = setup();
+    let prog = std::env::args()
+        .next()
+        .and_then(|a| {
+            Path::new(&a)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "nix".into());
+    if argv.is_empty() {
+        // fh's `command_exists("nix")`: starting it is the whole check.
+        std::process::exit(1);
+    }
+    record(&dir, &prog, &argv);
+    let args: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let flag = |name: &str| {
+        args.windows(2)
+            .find(|w| w[0] == name)
+            .map(|w| PathBuf::from(w[1]))
+    };
+    let store_path = args.last().map(PathBuf::from).unwrap_or_default();
+    let sub = args
+        .iter()
+        .find(|a| matches!(**a, "build" | "copy" | "--set"))
+        .copied();
+    match sub {
+        Some("copy") => std::process::exit(0),
+        Some("build") => {
+            if let Some(profile) = flag("--profile") {
+                point(&profile, &store_path);
+            }
+            std::process::exit(0)
+        }
+        Some("--set") => {
+            let Some(profile) = flag("--profile").or_else(|| flag("-p")) else {
+                eprintln!("nix-env stand-in: --set needs --profile");
+                std::process::exit(2);
+            };
+            point(&profile, &store_path);
+            std::process::exit(0)
+        }
+        _ => {
+            eprintln!("{prog} stand-in: unexpected argv {argv:?}");
             std::process::exit(2)
         }
     }

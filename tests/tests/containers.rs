@@ -314,3 +314,58 @@ fn timer_applies_a_changed_ssm_parameter() {
         "an IMDS token reached the journal"
     );
 }
+
+/// Every switch-to-configuration starts all active targets again (nixpkgs
+/// switch-to-configuration-ng: "Start all active targets"), and
+/// multi-user.target starts any inactive unit it wants. After a successful
+/// boot run, that must not start a second run (which would apply the
+/// target over an operator's own switch); a later run goes through
+/// nixos-ami-agent-run.service.
+#[test]
+#[ignore = "boots containers: needs root and systemd-nspawn (scripts/test runs it)"]
+fn a_switch_by_someone_else_starts_no_second_run() {
+    if skip() {
+        return;
+    }
+    let mut c = Container::new(Some(&toml_user_data(&format!("flake = \"{REF}\""))));
+    // What a switch does to units, then a run on purpose.
+    c.after_settled(
+        "systemctl daemon-reload\n\
+         systemctl start multi-user.target\n\
+         sleep 2\n\
+         systemctl show -p ActiveState -p SubState -p NRestarts nixos-ami-agent.service\n\
+         systemctl start nixos-ami-agent-run.service\n\
+         echo run-exit=$?",
+    );
+    assert_eq!(c.boot(LIMIT, |_| {}), 0, "{}", c.console());
+    let boot = &c.boot_ids()[0];
+    let after = std::fs::read_to_string(c.path(&format!("/var/lib/test-report/{boot}.after")))
+        .expect("the reporter ran the scenario's switch");
+    let journal = c.journal();
+    let runs: Vec<_> = journal
+        .iter()
+        .filter(|e| field(e, "MESSAGE") == format!("instance {INSTANCE_ID}"))
+        .map(|e| field(e, "_SYSTEMD_UNIT"))
+        .collect();
+    assert_eq!(
+        runs,
+        ["nixos-ami-agent.service", "nixos-ami-agent-run.service"],
+        "one boot run, no run started by the switch, one run on purpose:\n{}",
+        c.journal_text()
+    );
+    assert_eq!(events(&journal, APPLIED).len(), 1, "{}", c.journal_text());
+    assert_eq!(events(&journal, NOTHING_TO_DO).len(), 1);
+    assert_eq!(
+        c.call_lines()
+            .iter()
+            .filter(|l| l.starts_with("fh apply"))
+            .count(),
+        1,
+        "applied once"
+    );
+    assert!(
+        after.contains("ActiveState=active") && after.contains("SubState=exited"),
+        "the boot run stays active (exited): {after}"
+    );
+    assert!(after.contains("run-exit=0"), "{after}");
+}

@@ -207,3 +207,22 @@ fn credentials_that_are_not_an_instance_role() {
     );
     assert_eq!(out.code, 0, "{out:?}");
 }
+
+#[test]
+fn no_nix_for_fh_fails_and_says_where_it_looked() {
+    let s = healthy();
+    for system in ["old-system", "new-system", "kernel-system"] {
+        std::fs::remove_file(s.store_path(&format!("{system}/sw/bin/nix"))).unwrap();
+    }
+    let (out, v) = doctor(&s);
+    assert_eq!(out.code, 1, "{out:?}");
+    let c = status(&v, "nix for fh");
+    assert_eq!(c["status"], "fail", "{c}");
+    let detail = c["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("nix is not installed or not on the PATH"),
+        "{c}"
+    );
+    assert!(detail.contains("/run/wrappers/bin:"), "{c}");
+    assert!(c["fix"].as_str().unwrap().contains("sw/bin"), "{c}");
+}

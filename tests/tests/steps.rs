@@ -1,7 +1,7 @@
 //! The programs a run drives: login, resolve, apply, verify, and what
 //! happens when each fails, hangs, is missing, or lies.
 
-use nixos_ami_agent_tests::harness::{REF, Scenario, toml_user_data};
+use nixos_ami_agent_tests::harness::{REF, Scenario, host_bin, toml_user_data};
 use nixos_ami_agent_tests::standin::Mode;
 
 fn scenario(settings: &str) -> Scenario {
@@ -135,7 +135,10 @@ fn apply_failure_exits_1_and_is_recorded() {
 /// fh ignores switch-to-configuration's exit status; the agent does not.
 #[test]
 fn success_without_switching_is_caught_by_verify() {
-    for action in ["switch", "test", "boot"] {
+    // fh sets the system profile before it runs switch-to-configuration
+    // (fh `src/cli/cmd/apply/mod.rs`), so for `boot` a failed switch leaves
+    // the profile at the target: only the reboot can tell.
+    for action in ["switch", "test"] {
         let mut s = scenario(&format!("{}\naction = \"{action}\"", flake()));
         s.behaviour.apply = Mode::NoSwitch;
         let out = s.run(&["run"]);
@@ -262,4 +265,83 @@ fn unusable_state_is_set_aside_and_the_run_proceeds() {
             .starts_with("state.json.unusable-")
     });
     assert_eq!(aside.count(), 1);
+}
+
+/// A unit's PATH has no `nix` (nixpkgs `nixos/lib/systemd-lib.nix`), and
+/// the harness gives the agent no `nix` on its PATH; fh refuses to apply
+/// without `nix` (its stand-in too). The agent must hand fh the system's
+/// programs.
+#[test]
+fn fh_gets_the_systems_programs_on_its_path() {
+    let s = scenario(&flake());
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let system_bin = format!("{}/sw/bin", s.path("run/current-system").display());
+    for call in s.calls() {
+        let path = call.path.unwrap_or_default();
+        let dirs: Vec<&str> = path.split(':').collect();
+        assert_eq!(
+            dirs[..2],
+            ["/run/wrappers/bin", system_bin.as_str()],
+            "{} got PATH {path}",
+            call.prog
+        );
+        assert_eq!(dirs[2..], [host_bin()], "then the agent's own PATH");
+    }
+    let nix = s.nix_call_lines();
+    assert!(
+        nix.iter()
+            .any(|l| l.contains(" build ") && l.contains("--profile")),
+        "fh set the profile through the system's nix: {nix:?}"
+    );
+    assert_eq!(s.current_system(), s.store_path("new-system"));
+}
+
+/// The stand-in is as strict as fh: with no `nix` anywhere on its PATH,
+/// `fh apply` fails, and the agent says so and changes nothing.
+#[test]
+fn a_system_without_nix_fails_the_apply_as_fh_would() {
+    let s = scenario(&flake());
+    std::fs::remove_file(s.store_path("old-system/sw/bin/nix")).unwrap();
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("nix is not installed or not on the PATH"),
+        "{out:?}"
+    );
+    assert_eq!(s.current_system(), s.store_path("old-system"));
+    assert_eq!(s.system_profile(), s.store_path("old-system"));
+}
+
+/// What belongs to the agent alone does not reach fh, determinate-nixd or
+/// scripts; proxies and the rest of the environment do.
+#[test]
+fn agent_only_variables_are_not_passed_on() {
+    let mut s = scenario(&flake());
+    for (k, v) in [
+        ("LD_LIBRARY_PATH", "/nonexistent"),
+        ("LISTEN_FDS", "0"),
+        ("LISTEN_PID", "1"),
+        ("WATCHDOG_USEC", "1000000"),
+        ("HTTPS_PROXY", "http://127.0.0.1:9"),
+    ] {
+        s.env.push((k.into(), v.into()));
+    }
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let calls = s.calls();
+    assert!(calls.len() >= 3, "{calls:?}");
+    for call in calls {
+        for k in [
+            "LD_LIBRARY_PATH",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "WATCHDOG_USEC",
+            "NOTIFY_SOCKET",
+        ] {
+            assert!(!call.env.iter().any(|e| e == k), "{} got {k}", call.prog);
+        }
+        assert!(call.env.iter().any(|e| e == "HTTPS_PROXY"), "{}", call.prog);
+    }
 }

@@ -90,10 +90,19 @@ fn json_user_data_from_terraform_jsonencode() {
         ]
     );
     assert_eq!(s.current_system(), s.store_path("new-system"));
+    // fh sets the system profile for every action, `test` included (fh
+    // `src/cli/cmd/apply/mod.rs`: `apply_path_to_profile` before the
+    // switch script); `test` only leaves the boot loader alone.
     assert_eq!(
-        s.system_profile(),
-        s.store_path("old-system"),
-        "test leaves the boot default alone"
+        s.nix_call_lines().last().map(String::as_str),
+        Some(
+            format!(
+                "nix --extra-experimental-features nix-command flakes build --no-link --max-jobs 0 --profile {} {}",
+                s.path("profiles/system").display(),
+                s.store_path("new-system").display()
+            )
+            .as_str()
+        )
     );
 }
 
@@ -128,10 +137,12 @@ fn mime_parts_settings_and_script_others_left_alone() {
     assert_eq!(out.code, 0, "{out:?}");
     applied_once(&s, "switch");
     let path = std::fs::read_to_string(&marker).expect("the script ran");
-    assert!(
-        path.starts_with("/run/wrappers/bin:/run/current-system/sw/bin:"),
-        "{path}"
+    // amazon-init's scripts found the system's programs; so do ours.
+    let system_bin = format!(
+        "/run/wrappers/bin:{}/sw/bin:",
+        s.path("run/current-system").display()
     );
+    assert!(path.starts_with(&system_bin), "{path}");
     assert!(
         out.stderr
             .contains("part 1 (text/cloud-config) is for another tool; left alone"),

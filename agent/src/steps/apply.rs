@@ -16,12 +16,10 @@ pub async fn apply(
     flake: &OutputRef,
     action: Action,
 ) -> Result<(), StepError> {
-    let prog = Program::new(&agent.fh, STEP, agent.apply_timeout).args([
-        "apply",
-        "nixos",
-        flake.as_str(),
-        action.as_str(),
-    ]);
+    // fh needs `nix` on its PATH (system_path gives it the system's).
+    let prog = Program::new(&agent.fh, STEP, agent.apply_timeout)
+        .args(["apply", "nixos", flake.as_str(), action.as_str()])
+        .system_path(&agent.current_system);
     let out = process::run(&prog, redactor)
         .await
         .map_err(|e| StepError::from_process(STEP, e))?;

@@ -16,7 +16,9 @@ pub async fn login(agent: &Agent, backoff: &Backoff, redactor: &Redactor) -> Res
         let timeout = agent
             .command_timeout
             .min(t.remaining().max(std::time::Duration::from_secs(1)));
-        let prog = Program::new(&agent.determinate_nixd, STEP, timeout).args(["login", "aws"]);
+        let prog = Program::new(&agent.determinate_nixd, STEP, timeout)
+            .args(["login", "aws"])
+            .system_path(&agent.current_system);
         let out = process::run(&prog, redactor)
             .await
             .map_err(|e| classify(STEP, e))?;

@@ -27,8 +27,9 @@ pub async fn resolve(
         let timeout = agent
             .command_timeout
             .min(t.remaining().max(std::time::Duration::from_secs(1)));
-        let mut prog =
-            Program::new(&agent.fh, STEP, timeout).args(["resolve", "--json", flake.as_str()]);
+        let mut prog = Program::new(&agent.fh, STEP, timeout)
+            .args(["resolve", "--json", flake.as_str()])
+            .system_path(&agent.current_system);
         prog.capture_stdout = true;
         let out = process::run(&prog, redactor)
             .await

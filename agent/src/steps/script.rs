@@ -5,16 +5,12 @@
 use crate::process::{self, ProcessError, Program, describe};
 use crate::redact::Redactor;
 use crate::userdata::Script;
-use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
 pub const STEP: &str = "script";
-/// NixOS puts setuid wrappers and the system's programs here; a script
-/// written for amazon-init expects them first.
-pub const PATH_PREFIX: &str = "/run/wrappers/bin:/run/current-system/sw/bin";
 
 pub struct ScriptResult {
     pub success: bool,
@@ -23,13 +19,15 @@ pub struct ScriptResult {
 }
 
 /// Writes the script into `dir` (root-only) and executes it directly: the
-/// kernel reads its `#!` line, no shell of ours is involved.
+/// kernel reads its `#!` line, no shell of ours is involved. Its PATH
+/// starts with setuid wrappers and the system's programs, which a script
+/// written for amazon-init expects (`fh`, `determinate-nixd`, `nix`).
 pub async fn run(
     script: &Script,
     index: usize,
     dir: &Path,
     timeout: Duration,
-    inherited_path: Option<OsString>,
+    current_system: &Path,
 ) -> ScriptResult {
     let failed = |result: String| ScriptResult {
         success: false,
@@ -49,13 +47,7 @@ pub async fn run(
     if let Err(e) = written {
         return failed(format!("could not be written to {}: {e}", file.display()));
     }
-    let mut path = OsString::from(PATH_PREFIX);
-    if let Some(rest) = inherited_path.filter(|p| !p.is_empty()) {
-        path.push(":");
-        path.push(rest);
-    }
-    let mut prog = Program::new(&file, STEP, timeout);
-    prog.env.push(("PATH".into(), path));
+    let mut prog = Program::new(&file, STEP, timeout).system_path(current_system);
     prog.cwd = Some(dir);
     match process::run(&prog, &Redactor::default()).await {
         Ok(out) => ScriptResult {

@@ -118,6 +118,19 @@ fn floor_command(s: &Scenario, case: Case) -> Command {
             floor.env(k, v);
         }
     }
+    // fh needs `nix`: the floor gives the stand-ins the PATH the agent
+    // gives them (the running system's sw/bin first).
+    let mut path = std::ffi::OsString::from(format!(
+        "/run/wrappers/bin:{}/sw/bin:",
+        s.path("run/current-system").display()
+    ));
+    path.push(
+        cmd.get_envs()
+            .find(|(k, _)| *k == "PATH")
+            .and_then(|(_, v)| v)
+            .unwrap_or_default(),
+    );
+    floor.env("PATH", path);
     floor.arg(s.imds.url());
     if matches!(case, Case::SsmNoOp) {
         floor.args(["--ssm", &s.ssm.url(), "/fleets/web"]);
