@@ -1,13 +1,20 @@
 # The agent, built from the workspace's Cargo.lock, with its systemd units.
-{ lib
-, stdenv
-, rustPlatform
-, installShellFiles
-,
+{
+  lib,
+  stdenv,
+  rustPlatform,
+  rustc,
+  installShellFiles,
 }:
 let
   cargoToml = lib.importTOML ./Cargo.toml;
+  # The workspace's rust-version (the AWS SDK crates need it).
+  msrv = (lib.importTOML ../Cargo.toml).workspace.package.rust-version;
 in
+# A clear message instead of a compile error deep in the AWS SDK: NixOS
+# 26.05 ships rustc 1.95, 25.11 an older one (README: supported nixpkgs).
+assert lib.assertMsg (lib.versionAtLeast rustc.version msrv)
+  "nixos-ami-agent needs rustc >= ${msrv} (nixpkgs 26.05 or later); this nixpkgs has ${rustc.version}";
 rustPlatform.buildRustPackage {
   pname = "nixos-ami-agent";
   inherit (cargoToml.package) version;
@@ -31,16 +38,26 @@ rustPlatform.buildRustPackage {
   cargoLock.lockFile = ../Cargo.lock;
   nativeBuildInputs = [ installShellFiles ];
 
-  cargoBuildFlags = [ "--package" "nixos-ami-agent" ];
+  cargoBuildFlags = [
+    "--package"
+    "nixos-ami-agent"
+  ];
   # The unit tests. The black-box and boot tests need the doubles and
   # root; scripts/test and the NixOS VM tests run those.
-  cargoTestFlags = [ "--package" "nixos-ami-agent-core" "--package" "nixos-ami-agent" "--lib" ];
+  cargoTestFlags = [
+    "--package"
+    "nixos-ami-agent-core"
+    "--package"
+    "nixos-ami-agent"
+    "--lib"
+  ];
 
   postInstall = ''
-    install -Dm644 agent/systemd/nixos-ami-agent.service agent/systemd/nixos-ami-agent.timer \
-      -t $out/lib/systemd/system
+    install -Dm644 agent/systemd/nixos-ami-agent.service agent/systemd/nixos-ami-agent-run.service \
+      agent/systemd/nixos-ami-agent-run.timer -t $out/lib/systemd/system
     install -Dm644 agent/systemd/80-nixos-ami-agent.preset -t $out/lib/systemd/system-preset
     substituteInPlace $out/lib/systemd/system/nixos-ami-agent.service \
+      $out/lib/systemd/system/nixos-ami-agent-run.service \
       --replace-fail '@bindir@' "$out/bin"
   ''
   # Man pages and completions come from the clap definitions.

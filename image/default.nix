@@ -1,16 +1,18 @@
 # The AMI profile (nixosModules.ami): nixpkgs' Amazon image, Determinate
 # Nix, fh and git as the seed repository ships them, and the agent in place
 # of amazon-init. A function of the flake's inputs.
-{ self
-, determinate
-, fh
-,
-}: { config
-   , lib
-   , pkgs
-   , modulesPath
-   , ...
-   }:
+{
+  self,
+  determinate,
+  fh,
+}:
+{
+  config,
+  lib,
+  pkgs,
+  modulesPath,
+  ...
+}:
 let
   inherit (pkgs.stdenv.hostPlatform) system;
 in
@@ -22,6 +24,8 @@ in
     self.nixosModules.default
   ];
 
+  # amazon-image.nix tags the label "amazon"; the AMI name should carry
+  # the plain version (see the assertion below).
   system.nixos.tags = lib.mkForce [ ];
   virtualisation.diskSize = lib.mkForce (4 * 1024);
 
@@ -40,11 +44,24 @@ in
     determinateNixdPackage = determinate.packages.${system}.default;
   };
 
-  assertions = [
-    {
-      # AMI names are determinate/nixos/epoch-N/<label>-<system>.<run-id>.
-      assertion = builtins.match "^[0-9][0-9]\\.[0-9][0-9]\\..*" config.system.nixos.label != null;
-      message = "the NixOS label must look like YY.MM..., as AMI names carry it; it is ${config.system.nixos.label}";
-    }
-  ];
+  assertions =
+    let
+      inherit (config.system.nixos) label version;
+    in
+    [
+      {
+        # AMI names are determinate/nixos/epoch-N/<label>-<system>.<run-id>,
+        # and the publisher takes <label> from image-info.json's `label`.
+        # nixpkgs' amazon-image.nix writes system.nixos.version there (it
+        # wrote system.nixos.label in older revisions); with the tags
+        # cleared above the two are the same, whichever revision builds it.
+        assertion = label == version && builtins.match "[0-9][0-9]\\.[0-9][0-9]\\..*" version != null;
+        message = ''
+          the AMI name carries image-info.json's label, which is
+          system.nixos.version (${version}); it must look like YY.MM... and
+          equal system.nixos.label (${label}): do not set system.nixos.tags
+          or NIXOS_LABEL_VERSION for the image.
+        '';
+      }
+    ];
 }

@@ -1,10 +1,11 @@
 # services.nixos-ami-agent: the agent as a NixOS service. The unit files
 # come from the package (systemd.packages), the same text the container
 # boot tests run; this module only adds what NixOS needs.
-{ config
-, lib
-, pkgs
-, ...
+{
+  config,
+  lib,
+  pkgs,
+  ...
 }:
 let
   cfg = config.services.nixos-ami-agent;
@@ -13,7 +14,10 @@ let
   # defaults apply.
   settings = lib.filterAttrsRecursive (_: v: v != null) cfg.settings;
   noProxy = lib.concatStringsSep "," (
-    [ "169.254.169.254" "fd00:ec2::254" ]
+    [
+      "169.254.169.254"
+      "fd00:ec2::254"
+    ]
     ++ lib.optional (config.networking.proxy.noProxy != null) config.networking.proxy.noProxy
   );
 in
@@ -30,7 +34,8 @@ in
         '';
       }
       {
-        assertion = lib.hasPrefix "/" cfg.settings.agent.fh && lib.hasPrefix "/" cfg.settings.agent.determinate-nixd;
+        assertion =
+          lib.hasPrefix "/" cfg.settings.agent.fh && lib.hasPrefix "/" cfg.settings.agent.determinate-nixd;
         message = "services.nixos-ami-agent.settings.agent: `fh` and `determinate-nixd` must be absolute paths.";
       }
     ];
@@ -41,26 +46,52 @@ in
     environment.systemPackages = [ cfg.package ];
     systemd.packages = [ cfg.package ];
 
-    systemd.services.nixos-ami-agent = {
-      wantedBy = [ "multi-user.target" ];
-      # The run switches this very system: a switch must neither restart
-      # nor stop it (the unit file says so too; this keeps NixOS's own
-      # view consistent).
-      restartIfChanged = false;
-      unitConfig.X-StopOnRemoval = false;
-      # The instance-role credentials come from IMDS; a configured proxy
-      # must never see them. The operator's own exceptions are kept.
-      environment = {
-        NO_PROXY = noProxy;
-        no_proxy = noProxy;
+    systemd.services =
+      let
+        # What NixOS adds to both units (an overrides.conf drop-in next to
+        # the package's unit files).
+        common = {
+          # The run switches this very system: a switch must neither restart
+          # nor stop it (the unit files say so too: switch-to-configuration
+          # reads X-RestartIfChanged from [Service], X-StopOnRemoval from
+          # [Unit]; this keeps NixOS's own view consistent).
+          restartIfChanged = false;
+          unitConfig.X-StopOnRemoval = false;
+          # A NixOS unit's PATH has no `nix` (nixos/lib/systemd-lib.nix),
+          # and `fh apply` refuses to run without one (DeterminateSystems/fh
+          # src/cli/cmd/mod.rs, nix_command). The agent also puts the
+          # system's sw/bin first on its children's PATH.
+          path = [ config.nix.package ];
+          # The instance-role credentials come from IMDS; a configured proxy
+          # must never see them. The operator's own exceptions are kept.
+          environment = {
+            NO_PROXY = noProxy;
+            no_proxy = noProxy;
+          };
+        };
+      in
+      {
+        # The boot run. The package's unit stays active (exited) after a
+        # successful run, so the switches that follow do not start it again.
+        nixos-ami-agent = common // {
+          wantedBy = [ "multi-user.target" ];
+        };
+        # Every later run: the watch timer, pushed rollouts, operators.
+        nixos-ami-agent-run = common;
       };
-    };
 
-    systemd.timers.nixos-ami-agent = lib.mkIf cfg.watch.enable {
+    systemd.timers.nixos-ami-agent-run = lib.mkIf cfg.watch.enable {
       wantedBy = [ "timers.target" ];
-      # The package's timer sets defaults; "" resets them before ours.
+      # The package's timer sets defaults. One empty assignment resets all
+      # of a timer's OnXxxSec= values, so it comes first and only once
+      # (attributes render in alphabetical order: OnActiveSec, then
+      # OnUnitInactiveSec).
       timerConfig = {
-        OnUnitInactiveSec = [ "" cfg.watch.interval ];
+        OnActiveSec = [
+          ""
+          cfg.watch.interval
+        ];
+        OnUnitInactiveSec = cfg.watch.interval;
         RandomizedDelaySec = cfg.watch.randomizedDelay;
       };
     };

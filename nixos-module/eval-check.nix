@@ -2,13 +2,14 @@
 # configurations and checks what it produces (unit wiring, the timer
 # override, assertions), then has the agent itself read the generated
 # config file.
-{ pkgs
-, self
-,
+{
+  pkgs,
+  self,
 }:
 let
   inherit (pkgs) lib;
-  eval = module:
+  eval =
+    module:
     (import "${pkgs.path}/nixos/lib/eval-config.nix" {
       inherit (pkgs.stdenv.hostPlatform) system;
       modules = [
@@ -51,24 +52,63 @@ let
     };
   };
   disabled = eval { };
+  # The AMI profile imports the module, and the README tells every target
+  # configuration to import it too: twice must be harmless.
+  twice = eval {
+    imports = [ self.nixosModules.default ];
+    services.nixos-ami-agent.enable = true;
+  };
 
   failed = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
   service = base.systemd.services.nixos-ami-agent;
+  run = base.systemd.services.nixos-ami-agent-run;
+  timer = watched.systemd.timers.nixos-ami-agent-run;
   cfg = base.services.nixos-ami-agent;
+  # The unit text NixOS generates (overrides.conf next to the package's).
+  unitText = unit: base.systemd.units.${unit}.text;
 
   checks = {
-    "the service is wanted by multi-user.target" = service.wantedBy == [ "multi-user.target" ];
-    "a switch does not restart it" = !service.restartIfChanged;
-    "a switch does not stop it" = !service.unitConfig.X-StopOnRemoval;
+    "the boot run is wanted by multi-user.target" = service.wantedBy == [ "multi-user.target" ];
+    "later runs are wanted by nothing (no switch starts them)" = run.wantedBy == [ ];
+    "a switch restarts neither unit" = !service.restartIfChanged && !run.restartIfChanged;
+    "X-RestartIfChanged=false is in [Service], where switch-to-configuration reads it" =
+      lib.all
+        (
+          u:
+          let
+            parts = lib.splitString "[Service]" (unitText u);
+          in
+          lib.length parts == 2 && lib.hasInfix "X-RestartIfChanged=false" (lib.last parts)
+        )
+        [
+          "nixos-ami-agent.service"
+          "nixos-ami-agent-run.service"
+        ];
+    "a switch stops neither unit" =
+      !service.unitConfig.X-StopOnRemoval && !run.unitConfig.X-StopOnRemoval;
+    "fh finds nix on the units' PATH" =
+      lib.elem base.nix.package service.path && lib.elem base.nix.package run.path;
     "the unit files come from the package" = lib.elem cfg.package base.systemd.packages;
     "IMDS bypasses proxies" = lib.hasPrefix "169.254.169.254," service.environment.NO_PROXY;
-    "no timer unless watch.enable" = !(base.systemd.timers ? nixos-ami-agent);
-    "the timer resets the package's interval" =
-      watched.systemd.timers.nixos-ami-agent.timerConfig.OnUnitInactiveSec == [ "" "5min" ];
-    "the timer is wanted by timers.target" = watched.systemd.timers.nixos-ami-agent.wantedBy == [ "timers.target" ];
+    "no timer unless watch.enable" = !(base.systemd.timers ? nixos-ami-agent-run);
+    "the timer resets the package's values once, then sets both" =
+      timer.timerConfig.OnActiveSec == [
+        ""
+        "5min"
+      ]
+      && timer.timerConfig.OnUnitInactiveSec == "5min";
+    "the timer is wanted by timers.target" = timer.wantedBy == [ "timers.target" ];
+    # One empty assignment resets every OnXxxSec= of a timer: it must come
+    # once, before both values.
+    "the rendered timer resets once, then sets both" =
+      lib.hasInfix "OnActiveSec=\nOnActiveSec=5min\nOnUnitInactiveSec=5min\n"
+        watched.systemd.units."nixos-ami-agent-run.timer".text;
     "a valid configuration has no failed assertions" = failed base == [ ];
     "flake with ssm-parameter fails an assertion" = lib.any (lib.hasInfix "not both") (failed both);
     "disabled, nothing is installed" = !(disabled.environment.etc ? "nixos-ami-agent/config.toml");
+    "imported twice, the module evaluates and sets its package once" =
+      twice.services.nixos-ami-agent.package
+      == self.packages.${pkgs.stdenv.hostPlatform.system}.nixos-ami-agent;
   };
   broken = lib.attrNames (lib.filterAttrs (_: ok: !ok) checks);
 
@@ -83,26 +123,30 @@ let
     };
   };
 in
-if broken != [ ]
-then throw "module-eval: failed: ${lib.concatStringsSep "; " broken}"
+if broken != [ ] then
+  throw "module-eval: failed: ${lib.concatStringsSep "; " broken}"
 else
   pkgs.runCommand "nixos-ami-agent-module-eval"
-  {
-    nativeBuildInputs = [ cfg.package pkgs.python3 ];
-    inherit expected;
-    passAsFile = [ "expected" ];
-  } ''
-    # Nulls are left out, the rest is exactly what the options say.
-    python3 - ${configFile} "$expectedPath" <<'PY'
-    import json, sys, tomllib
-    got = tomllib.load(open(sys.argv[1], "rb"))
-    want = json.load(open(sys.argv[2]))
-    assert got == want, f"config.toml is {got}, expected {want}"
-    PY
-    # The agent accepts the file: `plan` exits 78 on an invalid config.
-    touch empty-user-data
-    nixos-ami-agent --config ${configFile} plan --user-data empty-user-data > plan.txt
-    grep -q 'SSM parameter /fleets/web/target' plan.txt
-    grep -q 'reboot:     never' plan.txt
-    touch $out
-  ''
+    {
+      nativeBuildInputs = [
+        cfg.package
+        pkgs.python3
+      ];
+      inherit expected;
+      passAsFile = [ "expected" ];
+    }
+    ''
+      # Nulls are left out, the rest is exactly what the options say.
+      python3 - ${configFile} "$expectedPath" <<'PY'
+      import json, sys, tomllib
+      got = tomllib.load(open(sys.argv[1], "rb"))
+      want = json.load(open(sys.argv[2]))
+      assert got == want, f"config.toml is {got}, expected {want}"
+      PY
+      # The agent accepts the file: `plan` exits 78 on an invalid config.
+      touch empty-user-data
+      nixos-ami-agent --config ${configFile} plan --user-data empty-user-data > plan.txt
+      grep -q 'SSM parameter /fleets/web/target' plan.txt
+      grep -q 'reboot:     never' plan.txt
+      touch $out
+    ''

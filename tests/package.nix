@@ -1,10 +1,10 @@
 # The IMDS and SSM doubles as one program, for the NixOS VM tests (the same
 # code the black-box and container tests run against). Built from the
 # agent package's source: the workspace is one lock file.
-{ lib
-, rustPlatform
-, nixos-ami-agent
-,
+{
+  lib,
+  rustPlatform,
+  nixos-ami-agent,
 }:
 rustPlatform.buildRustPackage {
   pname = "nixos-ami-agent-test-doubles";
@@ -13,7 +13,12 @@ rustPlatform.buildRustPackage {
   inherit (nixos-ami-agent) src;
   cargoLock.lockFile = ../Cargo.lock;
 
-  cargoBuildFlags = [ "--package" "nixos-ami-agent-tests" "--bin" "nixos-ami-agent-doubles" ];
+  cargoBuildFlags = [
+    "--package"
+    "nixos-ami-agent-tests"
+    "--bin"
+    "nixos-ami-agent-doubles"
+  ];
   doCheck = false;
 
   meta = {

@@ -1,8 +1,8 @@
 # Bad user data: the unit fails with 65 (not restarted), the journal names
 # the key, and nothing is switched.
-{ pkgs
-, common
-,
+{
+  pkgs,
+  common,
 }:
 pkgs.testers.runNixOSTest {
   name = "nixos-ami-agent-bad-user-data";

@@ -1,14 +1,18 @@
-# What every VM test's machine shares: the agent's module, the IMDS and SSM
-# doubles on the machine's own 169.254.169.254 (added to lo, so nothing
-# leaves the VM), and stand-ins for determinate-nixd and fh. The stand-in
-# `fh apply nixos` really switches: it sets the system profile and runs
-# switch-to-configuration of the target, a specialisation of the booted
-# system (`#nixosConfigurations.target` → specialisation "target"), where
-# a marker service runs. Like the real fh, it ignores the switch's exit
-# status.
-{ pkgs
-, self
-,
+# What the VM tests share: stand-ins for determinate-nixd and fh, two
+# target specialisations, the agent's settings for them, and (for the
+# tests on a plain NixOS machine) the IMDS and SSM doubles on the machine's
+# own 169.254.169.254 (added to lo, so nothing leaves the VM).
+#
+# The stand-in `fh` is as strict as the real one: like fh's `nix_command`
+# (DeterminateSystems/fh src/cli/cmd/mod.rs) it refuses `apply` with "nix
+# is not installed or not on the PATH" unless the caller's PATH has `nix`
+# (it brings none of its own), sets the system profile with
+# `nix build --profile` as fh does, and runs switch-to-configuration of
+# the target (a specialisation of the booted system, in its closure),
+# ignoring the switch's exit status like fh.
+{
+  pkgs,
+  self,
 }:
 let
   inherit (pkgs) lib;
@@ -20,24 +24,23 @@ rec {
   # The test script's view of a run's outcome.
   markerRunning = name: "systemctl is-active marker-${name}.service";
 
-  machine =
-    { userData ? null
-    , parameters ? { }
-    , settings ? { }
-    , watch ? false
-    ,
-    }: { config
-       , pkgs
-       , ...
-       }:
+  # Counts the runs the agent started (each logs "instance <id>" first).
+  runsStarted = "journalctl -o cat -u nixos-ami-agent.service -u nixos-ami-agent-run.service | grep -c '^instance '";
+
+  # The stand-in programs for a machine's pkgs.
+  standins =
+    pkgs:
     let
       record = ''
         mkdir -p /var/lib/standin
         printf '%s\n' "$(basename "$0") $*" >> /var/lib/standin/calls
       '';
+    in
+    {
       fh = pkgs.writeShellApplication {
         name = "fh";
-        runtimeInputs = [ pkgs.coreutils config.nix.package ];
+        # No nix here: it must come from the agent's PATH, as for the real fh.
+        runtimeInputs = [ pkgs.coreutils ];
         text = ''
           ${record}
           target() {
@@ -50,21 +53,34 @@ rec {
               path=$(target "$3")
               printf '{"attribute_path":"%s","store_path":"%s"}\n' "''${3#*#}" "$path" ;;
             "apply nixos")
+              if ! command -v nix >/dev/null; then
+                echo "Error: failed to copy resolved store path with Nix: nix is not installed or not on the PATH" >&2
+                exit 1
+              fi
               path=$(target "$3")
-              nix-env -p /nix/var/nix/profiles/system --set "$path"
-              "$path/bin/switch-to-configuration" "''${4:-switch}" || true ;;
+              nix --extra-experimental-features 'nix-command flakes' build \
+                --no-link --max-jobs 0 --profile /nix/var/nix/profiles/system "$path"
+              /nix/var/nix/profiles/system/bin/switch-to-configuration "''${4:-switch}" || true ;;
             *) echo "fh stand-in: unexpected arguments: $*" >&2; exit 2 ;;
           esac
         '';
       };
       determinate-nixd = pkgs.writeShellApplication {
         name = "determinate-nixd";
+        runtimeInputs = [ pkgs.coreutils ];
         text = ''
           ${record}
           [ "$*" = "login aws" ] || { echo "unexpected arguments: $*" >&2; exit 2; }
           echo "Logged in to FlakeHub (stand-in)"
         '';
       };
+    };
+
+  # Two targets the stand-in can switch to: specialisations of the booted
+  # system, each starting its marker service.
+  targets =
+    { pkgs, ... }:
+    let
       marker = name: {
         configuration.systemd.services."marker-${name}" = {
           wantedBy = [ "multi-user.target" ];
@@ -75,75 +91,117 @@ rec {
           };
         };
       };
-      doublesConfig = pkgs.writeText "doubles.json" (builtins.toJSON {
-        imds = "169.254.169.254:80";
-        ssm = "127.0.0.1:4566";
-        instance_id = "i-0123456789abcdef0";
-        region = "eu-west-1";
-        role = "vm-test-role";
-        user_data_file =
-          if userData == null
-          then null
-          else pkgs.writeText "user-data" userData;
-        params_dir = "/var/lib/doubles/params";
-      });
-      initialParameters = lib.mapAttrsToList
-        (name: value:
-          pkgs.writeTextDir "${lib.removePrefix "/" name}.json" (builtins.toJSON {
-            type = "String";
-            inherit value;
-            version = 1;
-          }))
-        parameters;
     in
     {
-      imports = [ self.nixosModules.default ];
-
-      # `fh` and `determinate-nixd` on PATH, as on the image: the `#!` user
-      # data of the seed's README calls them by name.
-      environment.systemPackages = [ fh determinate-nixd ];
-
       specialisation = {
         target = marker "target";
         next = marker "next";
       };
+    };
 
-      systemd.services.imds-ssm-doubles = {
-        description = "IMDS and SSM doubles";
-        wantedBy = [ "multi-user.target" ];
-        before = [ "nixos-ami-agent.service" ];
-        path = [ pkgs.iproute2 pkgs.coreutils ];
-        # 169.254.169.254 on lo: the address exists only inside this VM.
-        preStart =
-          ''
-            ip addr add 169.254.169.254/32 dev lo || true
-            mkdir -p /var/lib/doubles/params
-          ''
-          + lib.concatMapStrings (p: "cp -rn --no-preserve=mode ${p}/. /var/lib/doubles/params/\n") initialParameters;
-        serviceConfig.ExecStart = "${lib.getExe doubles} ${doublesConfig}";
-      };
+  # The agent's [agent] settings for the stand-ins.
+  agentSettings = s: {
+    fh = lib.getExe s.fh;
+    determinate-nixd = lib.getExe s.determinate-nixd;
+    retry-budget = "60s";
+  };
+
+  # The doubles' configuration (the IMDS double on `imds`).
+  doublesConfig =
+    {
+      imds,
+      userData,
+      paramsDir ? "/var/lib/doubles/params",
+    }:
+    pkgs.writeText "doubles.json" (
+      builtins.toJSON {
+        inherit imds;
+        ssm = "127.0.0.1:4566";
+        instance_id = "i-0123456789abcdef0";
+        region = "eu-west-1";
+        role = "vm-test-role";
+        user_data_file = if userData == null then null else pkgs.writeText "user-data" userData;
+        params_dir = paramsDir;
+      }
+    );
+
+  inherit doubles;
+
+  machine =
+    {
+      userData ? null,
+      parameters ? { },
+      settings ? { },
+      watch ? false,
+    }:
+    {
+      pkgs,
+      ...
+    }:
+    let
+      s = standins pkgs;
+      initialParameters = lib.mapAttrsToList (
+        name: value:
+        pkgs.writeTextDir "${lib.removePrefix "/" name}.json" (
+          builtins.toJSON {
+            type = "String";
+            inherit value;
+            version = 1;
+          }
+        )
+      ) parameters;
+    in
+    {
+      imports = [
+        self.nixosModules.default
+        targets
+      ];
+
+      # `fh` and `determinate-nixd` on PATH, as on the image: the `#!` user
+      # data of the seed's README calls them by name.
+      environment.systemPackages = [
+        s.fh
+        s.determinate-nixd
+      ];
 
       services.nixos-ami-agent = {
         enable = true;
-        settings =
-          lib.recursiveUpdate
-            {
-              agent = {
-                fh = lib.getExe fh;
-                determinate-nixd = lib.getExe determinate-nixd;
-                retry-budget = "60s";
-              };
-            }
-            settings;
+        settings = lib.recursiveUpdate { agent = agentSettings s; } settings;
         watch = lib.mkIf watch {
           enable = true;
           interval = "5s";
           randomizedDelay = "1s";
         };
       };
-      systemd.services.nixos-ami-agent = {
-        after = [ "imds-ssm-doubles.service" ];
-        environment.AWS_ENDPOINT_URL_SSM = "http://127.0.0.1:4566";
-      };
+      systemd.services =
+        lib.genAttrs [ "nixos-ami-agent" "nixos-ami-agent-run" ] (_: {
+          after = [ "imds-ssm-doubles.service" ];
+          environment.AWS_ENDPOINT_URL_SSM = "http://127.0.0.1:4566";
+        })
+        // {
+          imds-ssm-doubles = {
+            description = "IMDS and SSM doubles";
+            wantedBy = [ "multi-user.target" ];
+            before = [ "nixos-ami-agent.service" ];
+            path = [
+              pkgs.iproute2
+              pkgs.coreutils
+            ];
+            # 169.254.169.254 on lo: the address exists only inside this VM.
+            preStart = ''
+              ip addr add 169.254.169.254/32 dev lo || true
+              mkdir -p /var/lib/doubles/params
+            ''
+            + lib.concatMapStrings (
+              p: "cp -rn --no-preserve=mode ${p}/. /var/lib/doubles/params/\n"
+            ) initialParameters;
+            serviceConfig.ExecStart = "${lib.getExe doubles} ${
+              doublesConfig {
+                imds = "169.254.169.254:80";
+                inherit userData;
+              }
+            }";
+          };
+        };
     };
 }

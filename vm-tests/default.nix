@@ -1,8 +1,8 @@
 # The NixOS VM tests, one file per scenario, as flake checks. They need a
 # host with Nix and KVM (`nix flake check`).
-{ pkgs
-, self
-,
+{
+  pkgs,
+  self,
 }:
 let
   common = import ./common.nix { inherit pkgs self; };
@@ -14,4 +14,5 @@ in
   vm-watch-timer = call ./watch-timer.nix;
   vm-shebang-user-data = call ./shebang-user-data.nix;
   vm-bad-user-data = call ./bad-user-data.nix;
+  vm-ami = import ./ami.nix { inherit pkgs self common; };
 }

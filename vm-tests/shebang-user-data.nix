@@ -1,8 +1,8 @@
 # The `#!` user data the seed repository's README documents still works:
 # the agent runs it (once per instance), as amazon-init did.
-{ pkgs
-, common
-,
+{
+  pkgs,
+  common,
 }:
 let
   ref = common.ref "target";
@@ -21,8 +21,9 @@ pkgs.testers.runNixOSTest {
 
     machine.wait_for_unit("multi-user.target")
     machine.wait_until_succeeds("${common.markerRunning "target"}", timeout=300)
+    # The boot run stays active (exited) after it succeeded.
     machine.wait_until_succeeds(
-        "systemctl show -p ActiveState --value nixos-ami-agent.service | grep -qx inactive"
+        "systemctl show -p SubState --value nixos-ami-agent.service | grep -qx exited"
     )
     calls = machine.succeed("cat /var/lib/standin/calls").splitlines()
     assert calls == ["determinate-nixd login aws", "fh apply nixos ${ref}"], calls
@@ -31,7 +32,7 @@ pkgs.testers.runNixOSTest {
     assert state["scripts"][0]["result"] == "exit status 0", state
 
     # Once per instance: a later run does not run it again.
-    machine.succeed("systemctl start nixos-ami-agent.service")
+    machine.succeed("systemctl start nixos-ami-agent-run.service")
     assert machine.succeed("grep -c 'fh apply' /var/lib/standin/calls").strip() == "1"
   '';
 }

@@ -1,8 +1,8 @@
 # TOML user data: the instance ends in the target configuration, applied
 # once, in order, and a second run finds nothing to do.
-{ pkgs
-, common
-,
+{
+  pkgs,
+  common,
 }:
 let
   ref = common.ref "target";
@@ -20,8 +20,9 @@ pkgs.testers.runNixOSTest {
 
     machine.wait_for_unit("multi-user.target")
     machine.wait_until_succeeds("${common.markerRunning "target"}", timeout=300)
+    # The boot run stays active (exited) after it succeeded.
     machine.wait_until_succeeds(
-        "systemctl show -p ActiveState --value nixos-ami-agent.service | grep -qx inactive"
+        "systemctl show -p SubState --value nixos-ami-agent.service | grep -qx exited"
     )
     machine.succeed("systemctl show -p Result --value nixos-ami-agent.service | grep -qx success")
     machine.succeed(
@@ -41,11 +42,24 @@ pkgs.testers.runNixOSTest {
         "journalctl -u nixos-ami-agent -o cat MESSAGE_ID=3f88d658b85143fcbb03f62a0a791e73 FLAKE_REF=${ref} | grep -q applied"
     )
 
-    # Type=notify: `systemctl start` returns when the run has ended.
-    machine.succeed("systemctl start nixos-ami-agent.service")
+    # fh found `nix` (the stand-in refuses to apply without it): the agent
+    # gave it a PATH with the system's programs.
+    assert machine.succeed("${common.runsStarted}").strip() == "1"
+
+    # A switch started by someone else (what nixos-rebuild does) starts all
+    # active targets again; it must not start a second run.
+    machine.succeed("/run/current-system/bin/switch-to-configuration test")
+    machine.sleep(3)
+    assert machine.succeed("${common.runsStarted}").strip() == "1", "a switch started a run"
+    machine.succeed("systemctl show -p SubState --value nixos-ami-agent.service | grep -qx exited")
+
+    # A run on purpose goes through nixos-ami-agent-run.service; Type=notify:
+    # `systemctl start` returns when the run has ended.
+    machine.succeed("systemctl start nixos-ami-agent-run.service")
     machine.succeed(
-        "journalctl -u nixos-ami-agent -o cat MESSAGE_ID=9e9b458c8dc141e9a75f3eb338906dc8 | grep -q 'nothing to do'"
+        "journalctl -u nixos-ami-agent-run -o cat MESSAGE_ID=9e9b458c8dc141e9a75f3eb338906dc8 | grep -q 'nothing to do'"
     )
+    assert machine.succeed("${common.runsStarted}").strip() == "2"
     assert machine.succeed("grep -c 'fh apply' /var/lib/standin/calls").strip() == "1"
   '';
 }

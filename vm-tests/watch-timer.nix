@@ -1,7 +1,7 @@
 # With the watch timer, a changed SSM parameter is applied on a later tick.
-{ pkgs
-, common
-,
+{
+  pkgs,
+  common,
 }:
 let
   first = common.ref "target";
@@ -22,7 +22,7 @@ pkgs.testers.runNixOSTest {
 
     machine.wait_for_unit("multi-user.target")
     machine.wait_until_succeeds("${common.markerRunning "target"}", timeout=300)
-    machine.wait_for_unit("nixos-ami-agent.timer")
+    machine.wait_for_unit("nixos-ami-agent-run.timer")
 
     value = json.dumps({"type": "String", "value": "${second}", "version": 2})
     machine.succeed(f"cat > /var/lib/doubles/params/fleets/web.json <<'EOF'\n{value}\nEOF")
