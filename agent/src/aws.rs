@@ -3,37 +3,60 @@
 //! the instance-role provider on the agent's own IMDS endpoint, timeouts
 //! sized to the step's budget, and the SDK's retries off so that the
 //! agent's one retry loop owns the budget.
+//!
+//! And what the SDK does not bound on its own: the size of a reply it
+//! reads ([`ReplyLimit`], an interceptor every client adds), and the text
+//! of its errors ([`describe`]), which must never carry a reply's body (a
+//! SecureString's decrypted value would be in it) nor grow with it.
 
 use crate::retry::Backoff;
+use crate::text;
 use aws_config::BehaviorVersion;
 use aws_config::default_provider::credentials::DefaultCredentialsChain;
 use aws_config::provider_config::ProviderConfig;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_ssm::config::Region;
+use aws_sdk_ssm::error::{ProvideErrorMetadata, SdkError};
 use aws_smithy_http_client::tls::{Provider, TlsContext, TrustStore, rustls_provider::CryptoMode};
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeDeserializationInterceptorContextMut;
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::body::SdkBody;
+use aws_smithy_types::config_bag::ConfigBag;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use http_body_util::BodyExt as _;
 use rustls_pki_types::CertificateDer;
 use std::collections::HashSet;
 use std::time::Duration;
 
-/// Fails (with the reason) when the system has no CA certificates: the
-/// SDK's TLS set-up would otherwise fail only at the first request, with
-/// an opaque certificate error (or a panic in debug builds).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SetupError {
+    /// The SDK's TLS set-up would otherwise fail only at the first
+    /// request, with an opaque certificate error (or a panic in debug
+    /// builds).
+    #[error("no CA certificates found ({0})")]
+    NoCaCertificates(String),
+    #[error("the IMDS endpoint {endpoint} is not usable by the AWS SDK: {reason}")]
+    ImdsEndpoint { endpoint: String, reason: String },
+}
+
 pub async fn sdk_config(
     region: &str,
     imds_endpoint: &str,
     backoff: Backoff,
-) -> Result<aws_config::SdkConfig, String> {
-    let trust = system_trust_store()?;
+) -> Result<aws_config::SdkConfig, SetupError> {
+    let trust = system_trust_store().map_err(SetupError::NoCaCertificates)?;
     let http = aws_smithy_http_client::Builder::new()
         .tls_provider(Provider::Rustls(CryptoMode::Ring))
         .tls_context(
             TlsContext::builder()
                 .with_trust_store(trust)
                 .build()
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| SetupError::NoCaCertificates(e.to_string()))?,
         )
         .build_https();
     let region = Region::new(region.to_owned());
@@ -50,7 +73,10 @@ pub async fn sdk_config(
     let imds = aws_config::imds::Client::builder()
         .configure(&provider)
         .endpoint(imds_endpoint)
-        .expect("the IMDS endpoint was validated with the config")
+        .map_err(|e| SetupError::ImdsEndpoint {
+            endpoint: imds_endpoint.to_owned(),
+            reason: e.to_string(),
+        })?
         .build();
     let credentials = DefaultCredentialsChain::builder()
         .configure(provider)
@@ -66,6 +92,145 @@ pub async fn sdk_config(
         .timeout_config(timeouts)
         .load()
         .await)
+}
+
+/// Caps the body of every reply an SDK client reads: the SDK itself reads
+/// a whole reply into memory, however large or endless it is. A reply
+/// over the limit fails the attempt with [`ReplyTooLarge`] (in the error's
+/// source chain), a permanent fault: no AWS API the agent calls answers
+/// with more than a few KiB.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyLimit(pub usize);
+
+/// SSM's GetParameter and STS's GetCallerIdentity answer with far less.
+pub const REPLY_LIMIT: ReplyLimit = ReplyLimit(64 << 10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the reply is larger than {} KiB", limit / 1024)]
+pub struct ReplyTooLarge {
+    pub limit: usize,
+}
+
+impl Intercept for ReplyLimit {
+    fn name(&self) -> &'static str {
+        "ReplyLimit"
+    }
+
+    fn modify_before_deserialization(
+        &self,
+        context: &mut BeforeDeserializationInterceptorContextMut<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let limit = self.0;
+        let response = context.response_mut();
+        if response
+            .body()
+            .content_length()
+            .is_some_and(|n| n > limit as u64)
+        {
+            return Err(Box::new(ReplyTooLarge { limit }));
+        }
+        let body = response.take_body();
+        // Counted as it is read: a chunked or endless reply stops here.
+        *response.body_mut() = SdkBody::from_body_1_x(
+            http_body_util::Limited::new(body, limit).map_err(move |e| -> BoxError {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    Box::new(ReplyTooLarge { limit })
+                } else {
+                    e
+                }
+            }),
+        );
+        Ok(())
+    }
+}
+
+/// One line about an SDK error, bounded, that never quotes a reply's body:
+/// the service's error code, HTTP status and (cut, escaped) message for a
+/// service error; the status and size for a reply that could not be read
+/// or parsed; the cause for a request that could not be sent. The SDK's
+/// own rendering (`DisplayErrorContext`) appends the raw reply, body and
+/// all: a SecureString's decrypted value when a 200 reply does not parse.
+pub fn describe<E>(e: &SdkError<E, HttpResponse>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    const MAX_MESSAGE: usize = 300;
+    match e {
+        SdkError::ServiceError(se) => {
+            let status = se.raw().status().as_u16();
+            let code = se.err().code().unwrap_or("unknown error");
+            let message = se.err().message().unwrap_or("no message");
+            format!(
+                "{} (HTTP {status}): {}",
+                text::shown(code, 100),
+                text::shown(message, MAX_MESSAGE)
+            )
+        }
+        SdkError::ResponseError(re) => {
+            let raw = re.raw();
+            let size = raw
+                .body()
+                .bytes()
+                .map(|b| format!("{} bytes", b.len()))
+                .unwrap_or_else(|| "body not read".into());
+            if let Some(big) = find_in_chain::<ReplyTooLarge>(e) {
+                format!("HTTP {} reply refused: {big}", raw.status().as_u16())
+            } else {
+                format!(
+                    "the HTTP {} reply ({size}) could not be read or parsed",
+                    raw.status().as_u16()
+                )
+            }
+        }
+        SdkError::TimeoutError(_) => "timed out".into(),
+        SdkError::DispatchFailure(d) => {
+            let kind = if d.is_timeout() {
+                "timed out"
+            } else if d.is_io() {
+                "connection failed"
+            } else {
+                "the request could not be sent"
+            };
+            format!("{kind}: {}", text::shown(&chain(e), MAX_MESSAGE))
+        }
+        // Local: the request could not be built (no credentials yet, a bad
+        // endpoint). Their messages name no reply.
+        _ => text::shown(&chain(e), MAX_MESSAGE),
+    }
+}
+
+/// The error's sources, joined, without the raw reply `DisplayErrorContext`
+/// adds.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = String::new();
+    let mut cur: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = cur {
+        let msg = err.to_string();
+        if !s.contains(&msg) {
+            if !s.is_empty() {
+                s.push_str(": ");
+            }
+            s.push_str(&msg);
+        }
+        cur = err.source();
+    }
+    s
+}
+
+/// The first error of type `T` in `e`'s source chain.
+pub fn find_in_chain<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// The system's CA certificates (`SSL_CERT_FILE`/`SSL_CERT_DIR`, else the

@@ -311,22 +311,28 @@ async fn role(imds: &Imds, region: &str, endpoint: &str, backoff: Backoff) -> Ch
     }
     let sdk = match crate::aws::sdk_config(region, endpoint, backoff).await {
         Ok(sdk) => sdk,
-        Err(e) => {
+        Err(e @ crate::aws::SetupError::NoCaCertificates(_)) => {
             return check(
                 "instance role",
                 Status::Fail,
-                format!("no CA certificates found ({e})"),
+                e.to_string(),
                 Some("install CA certificates (NixOS: security.pki)"),
             );
         }
+        Err(e) => return check("instance role", Status::Fail, e.to_string(), None),
     };
-    match aws_sdk_sts::Client::new(&sdk)
+    let sts = aws_sdk_sts::config::Builder::from(&sdk)
+        .interceptor(crate::aws::REPLY_LIMIT)
+        .build();
+    match aws_sdk_sts::Client::from_conf(sts)
         .get_caller_identity()
         .send()
         .await
     {
         Ok(who) => {
-            let arn = who.arn().unwrap_or_default();
+            // From the wire: shown escaped and bounded.
+            let arn = crate::text::shown(who.arn().unwrap_or_default(), 300);
+            let arn = arn.as_str();
             match flakehub_principal(arn) {
                 Some(principal) => check(
                     "instance role",
@@ -349,10 +355,7 @@ async fn role(imds: &Imds, region: &str, endpoint: &str, backoff: Backoff) -> Ch
         Err(e) => check(
             "instance role",
             Status::Fail,
-            format!(
-                "STS GetCallerIdentity failed: {}",
-                aws_sdk_sts::error::DisplayErrorContext(&e)
-            ),
+            format!("STS GetCallerIdentity failed: {}", crate::aws::describe(&e)),
             Some(ROLE_NEEDS),
         ),
     }

@@ -31,6 +31,9 @@ Exit codes:
   74  the state directory cannot be read or written
   75  temporary: a retry budget ran out on something that may heal, a
       program timed out, or another run held the lock
+      (also a run stopped by SIGTERM, SIGINT or SIGHUP: it passes the
+      signal on to the program it runs, waits for it, and records the
+      interruption first)
   78  invalid config file";
 
 #[derive(Debug, thiserror::Error)]
@@ -66,9 +69,15 @@ impl Failure {
             Failure::Input(_) => DATAERR,
             Failure::Config(_) => CONFIG,
             Failure::Usage(_) => USAGE,
-            Failure::Imds(ImdsError::Exhausted { .. })
-            | Failure::Ssm(SsmError::Exhausted { .. })
-            | Failure::Step(StepError::Exhausted { .. } | StepError::TimedOut { .. })
+            // Interrupted: the next run redoes what this one did not
+            // finish.
+            Failure::Imds(ImdsError::Exhausted { .. } | ImdsError::Interrupted { .. })
+            | Failure::Ssm(SsmError::Exhausted { .. } | SsmError::Interrupted { .. })
+            | Failure::Step(
+                StepError::Exhausted { .. }
+                | StepError::TimedOut { .. }
+                | StepError::Interrupted { .. },
+            )
             | Failure::State(StateError::Locked { .. }) => TEMPFAIL,
             Failure::Imds(_) | Failure::Ssm(_) | Failure::Step(StepError::Missing { .. }) => {
                 UNAVAILABLE

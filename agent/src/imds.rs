@@ -31,6 +31,11 @@ pub enum ImdsError {
     Rejected { what: String, reason: String },
     #[error("IMDS has no {what} (404)")]
     Missing { what: String },
+    #[error("IMDS {what}: {interrupted}")]
+    Interrupted {
+        what: String,
+        interrupted: crate::stop::Interrupted,
+    },
     #[error("IMDS {what}: gave up after {attempts} attempts in {:.1}s: {last}", elapsed.as_secs_f64())]
     Exhausted {
         what: String,
@@ -59,6 +64,7 @@ enum Fault {
     Transient(String),
     Disabled,
     Rejected(String),
+    Stopped(crate::stop::Interrupted),
 }
 
 impl std::fmt::Display for Fault {
@@ -66,6 +72,7 @@ impl std::fmt::Display for Fault {
         match self {
             Fault::Transient(s) | Fault::Rejected(s) => f.write_str(s),
             Fault::Disabled => f.write_str("IMDS disabled (403)"),
+            Fault::Stopped(i) => write!(f, "{i}"),
         }
     }
 }
@@ -78,6 +85,10 @@ impl Imds {
             // IMDS is link-local: a proxy from the environment must never
             // see the token or the user data.
             .no_proxy()
+            // Nor may a redirect: it would send the session token to
+            // another host and take its reply for the instance's data.
+            // IMDS never redirects; a 3xx is refused as it is.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(ATTEMPT_TIMEOUT)
             .build()
             .expect("a plain-HTTP reqwest client always builds");
@@ -163,11 +174,20 @@ impl Imds {
     }
 
     pub async fn get(&self, path: &str, what: &str) -> Result<Option<Vec<u8>>, ImdsError> {
-        let r = retry::retry(&self.backoff, &format!("IMDS {what}"), |t| {
-            self.attempt(path, t)
+        // No program runs here: an attempt in flight ends with a stop.
+        let r = retry::retry(&self.backoff, &format!("IMDS {what}"), |t| async move {
+            match crate::stop::or_stop(self.attempt(path, t)).await {
+                Ok(r) => r,
+                Err(i) => Err(Attempt::Fail(Fault::Stopped(i))),
+            }
         })
         .await;
         r.map_err(|e| match e {
+            RetryError::Stopped(interrupted)
+            | RetryError::Permanent(Fault::Stopped(interrupted)) => ImdsError::Interrupted {
+                what: what.into(),
+                interrupted,
+            },
             RetryError::Permanent(Fault::Disabled) => ImdsError::Disabled,
             RetryError::Permanent(f) => ImdsError::Rejected {
                 what: what.into(),
@@ -242,12 +262,16 @@ impl Imds {
                 ));
             }
         }
+        // What IMDS says it granted; never more than the six hours asked
+        // for, whatever the header says (a huge value would overflow the
+        // clock below).
         let ttl = reply
             .headers()
             .get(TTL_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(TOKEN_TTL);
+            .unwrap_or(TOKEN_TTL)
+            .min(TOKEN_TTL);
         let value = String::from_utf8(body(reply).await?)
             .ok()
             .map(|v| v.trim().to_owned())

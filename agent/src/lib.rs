@@ -11,7 +11,7 @@
 //! it can be fuzzed and tested without the AWS SDK; it is re-exported here
 //! under the same paths.
 
-pub use nixos_ami_agent_core::{config, plan, settings, userdata};
+pub use nixos_ami_agent_core::{config, plan, settings, text, userdata};
 
 pub mod aws;
 pub mod cli;
@@ -25,7 +25,9 @@ pub mod reboot;
 pub mod redact;
 pub mod retry;
 pub mod run;
+pub mod safe_dir;
 pub mod ssm;
 pub mod state;
 pub mod steps;
+pub mod stop;
 pub mod system;

@@ -7,12 +7,15 @@
 //! running system's programs ([`search_path`]).
 
 use crate::redact::Redactor;
+use crate::stop::{self, Interrupted};
+use crate::text::escape_controls;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::time::{Instant, sleep_until, timeout};
@@ -124,6 +127,44 @@ pub enum ProcessError {
     Spawn { path: PathBuf, reason: String },
     #[error("{} did not finish within {}s and was killed", path.display(), after.as_secs())]
     TimedOut { path: PathBuf, after: Duration },
+    /// The run was asked to stop; the program got the signal and is gone.
+    #[error("{}: {interrupted}", path.display())]
+    Interrupted {
+        path: PathBuf,
+        interrupted: Interrupted,
+    },
+}
+
+/// Process groups of the programs running now, for the last resort of a
+/// run that does not wind down after a stop ([`kill_all`]).
+static RUNNING: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+/// SIGKILL to every program's group still running: when a stopped run
+/// did not wind down in time, nothing it started may outlive it.
+pub fn kill_all() {
+    for pgid in RUNNING.lock().map(|g| g.clone()).unwrap_or_default() {
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    }
+}
+
+/// Keeps a child's group in [`RUNNING`] while it is alive.
+struct Running(Option<i32>);
+
+impl Running {
+    fn new(pgid: Option<i32>) -> Self {
+        if let (Some(p), Ok(mut g)) = (pgid, RUNNING.lock()) {
+            g.push(p);
+        }
+        Self(pgid)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let (Some(p), Ok(mut g)) = (self.0, RUNNING.lock()) {
+            g.retain(|x| *x != p);
+        }
+    }
 }
 
 /// Is `path` an executable file? Checked before anything runs, so a missing
@@ -156,6 +197,13 @@ pub fn describe(status: ExitStatus) -> String {
 
 pub async fn run(p: &Program<'_>, redactor: &Redactor) -> Result<Output, ProcessError> {
     check_program(p.path)?;
+    // Nothing new starts once the run is stopping.
+    if let Some(signal) = stop::requested() {
+        return Err(ProcessError::Interrupted {
+            path: p.path.to_owned(),
+            interrupted: Interrupted(signal),
+        });
+    }
     let mut cmd = tokio::process::Command::new(p.path);
     for k in NOT_INHERITED {
         cmd.env_remove(k);
@@ -183,6 +231,7 @@ pub async fn run(p: &Program<'_>, redactor: &Redactor) -> Result<Output, Process
         },
     })?;
     let pid = child.id().map(|id| Pid::from_raw(id as i32));
+    let _running = Running::new(pid.map(Pid::as_raw));
     let shown_pid = child.id().unwrap_or_default();
     tracing::debug!(step = p.step, program = %p.path.display(), pid = shown_pid, "started");
 
@@ -193,20 +242,29 @@ pub async fn run(p: &Program<'_>, redactor: &Redactor) -> Result<Output, Process
         move |line, buf: &mut Vec<u8>| {
             let line = String::from_utf8_lossy(line);
             let line = redactor.apply(&line);
+            // Logged with control characters escaped: a program's output
+            // must not forge log lines (CR, newlines inside a line) or
+            // drive the terminal (ESC) of whoever reads the log.
+            let shown = escape_controls(&line);
             if capture {
                 if buf.len() + line.len() < MAX_CAPTURE {
                     buf.extend_from_slice(line.as_bytes());
                     buf.push(b'\n');
                 }
-                tracing::debug!(step, stream = "stdout", "{line}");
+                tracing::debug!(step, stream = "stdout", "{shown}");
             } else {
-                tracing::info!(step, stream = "stdout", "{line}");
+                tracing::info!(step, stream = "stdout", "{shown}");
             }
         },
     );
     let err = pump(child.stderr.take().expect("piped"), move |line, _| {
         let line = String::from_utf8_lossy(line);
-        tracing::info!(step, stream = "stderr", "{}", redactor.apply(&line));
+        tracing::info!(
+            step,
+            stream = "stderr",
+            "{}",
+            escape_controls(&redactor.apply(&line))
+        );
     });
     let mut pumps = std::pin::pin!(async { tokio::join!(out, err) });
     let mut captured = None;
@@ -216,8 +274,16 @@ pub async fn run(p: &Program<'_>, redactor: &Redactor) -> Result<Output, Process
             s = child.wait() => break s,
             (o, _) = &mut pumps, if captured.is_none() => captured = Some(o),
             _ = sleep_until(deadline) => {
-                kill_group(pid, &mut child).await;
+                kill_group(pid, &mut child, Signal::SIGTERM).await;
                 return Err(ProcessError::TimedOut { path: p.path.to_owned(), after: p.timeout });
+            }
+            signal = stop::wait() => {
+                // Passed on to the program's whole group, which is waited
+                // for (SIGKILL after a grace period): it must be gone
+                // before the run records the stop and releases the lock.
+                tracing::warn!(step = p.step, "passing {} on to {}", signal.as_str(), p.path.display());
+                kill_group(pid, &mut child, signal).await;
+                return Err(ProcessError::Interrupted { path: p.path.to_owned(), interrupted: Interrupted(signal) });
             }
         }
     };
@@ -235,11 +301,11 @@ pub async fn run(p: &Program<'_>, redactor: &Redactor) -> Result<Output, Process
     })
 }
 
-/// SIGTERM to the group, SIGKILL after a grace period: `fh` spawns `nix`,
+/// `signal` to the group, SIGKILL after a grace period: `fh` spawns `nix`,
 /// which must not live on after the agent gave up on it.
-async fn kill_group(pid: Option<Pid>, child: &mut tokio::process::Child) {
+async fn kill_group(pid: Option<Pid>, child: &mut tokio::process::Child, signal: Signal) {
     let Some(pid) = pid else { return };
-    let _ = killpg(pid, Signal::SIGTERM);
+    let _ = killpg(pid, signal);
     if timeout(KILL_GRACE, child.wait()).await.is_err() {
         let _ = killpg(pid, Signal::SIGKILL);
         let _ = child.wait().await;

@@ -1,6 +1,12 @@
 //! Keeps secrets out of every line the agent writes: a target read from a
 //! SecureString is replaced by `<SecureString NAME>` in its own messages,
 //! in the state file, and in the lines passed on from `fh`.
+//!
+//! What is masked: the parameter's value, the output reference, and the
+//! reference's `ORG/FLAKE/VERSION` part (fh's URLs carry it without the
+//! `#`). A form fh would compute from them (a resolved version, a
+//! percent-encoded URL) is not known here and is not masked; the README
+//! says so.
 
 use std::borrow::Cow;
 

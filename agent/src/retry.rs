@@ -73,6 +73,8 @@ impl<E> Attempt<E> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum RetryError<E> {
     Permanent(E),
+    /// The run was asked to stop: no further attempt.
+    Stopped(crate::stop::Interrupted),
     /// The budget ran out; `last` is the last attempt's error.
     Exhausted {
         last: E,
@@ -110,6 +112,9 @@ where
     let mut number = 0;
     loop {
         number += 1;
+        if let Some(s) = crate::stop::requested() {
+            return Err(RetryError::Stopped(crate::stop::Interrupted(s)));
+        }
         let (error, after) = match op(Try { number, deadline }).await {
             Ok(v) => return Ok(v),
             Err(Attempt::Fail(e)) => return Err(RetryError::Permanent(e)),
@@ -132,7 +137,9 @@ where
             retry_in_ms = delay.as_millis() as u64,
             "{what} failed, will retry: {error}"
         );
-        tokio::time::sleep(delay).await;
+        if let Err(i) = crate::stop::or_stop(tokio::time::sleep(delay)).await {
+            return Err(RetryError::Stopped(i));
+        }
     }
 }
 

@@ -19,7 +19,6 @@ use crate::state::{
 use crate::steps::{apply, login, resolve, script};
 use crate::system;
 use crate::userdata::{self, Digest, UserData};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use tracing::{Instrument, Span, field};
 
@@ -168,6 +167,11 @@ pub async fn resolve_target(
         let placeholder = Redactor::placeholder(name.as_str());
         redactor.add(value, &placeholder);
         redactor.add(parsed.flake.as_str(), &placeholder);
+        // fh's own messages carry the flake part in URLs
+        // (`…/f/ORG/FLAKE/VERSION/output/ATTR`), without the `#`.
+        if let Some((flake, _attr)) = parsed.flake.as_str().split_once('#') {
+            redactor.add(flake, &placeholder);
+        }
         placeholder
     } else {
         parsed.flake.as_str().to_owned()
@@ -313,8 +317,23 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
         // A bad parameter value is bad input too: nothing runs.
         return finish(&store, &mut state, record, Err(e), 0);
     }
-    let script_failures = run_scripts(&ctx, &mut state, &ud).await?;
+    // A stopping run starts nothing new: scripts wait for the next run.
+    let scripts = match crate::stop::requested() {
+        Some(_) => Ok(0),
+        None => run_scripts(&ctx, &mut state, &ud).await,
+    };
+    let (converged, script_failures) = match scripts {
+        Ok(n) => (converged, n),
+        // The scripts could not run at all (their directory is unusable):
+        // recorded like any other failure; an apply is already on record.
+        Err(e) => (converged.and(Err(e)), 0),
+    };
     let mut report = finish(&store, &mut state, record, converged, script_failures)?;
+    if crate::stop::requested().is_some() {
+        // Asked to stop after the work was done: recorded as it went, but
+        // no reboot now; the next run asks for it if it is still needed.
+        return Ok(report);
+    }
     if let Some(by) = reboot_if_needed(&store, &mut state).await? {
         report
             .message
@@ -483,14 +502,23 @@ async fn converge(
     };
 
     let requested_for = previous_run
+        .into_iter()
+        .chain(state.last_applied.as_ref())
         .filter(|p| p.reboot.as_ref().is_some_and(|r| r.requested))
-        .and_then(|p| p.store_path.as_deref())
+        .find_map(|p| p.store_path.as_deref())
         .map(PathBuf::from);
+    // An earlier run applied this very target and needed a reboot, but
+    // never asked for it (killed during a script, or failed after the
+    // apply): this run asks, also for `reboot = "always"`.
+    let unasked = state.last_applied.as_ref().is_some_and(|a| {
+        a.store_path.as_deref() == Some(&*target.to_string_lossy())
+            && a.reboot.as_ref().is_some_and(|r| r.needed && !r.requested)
+    });
     let booted_system = system::canonical(&agent.booted_system);
     let assessment = plan::reboot(&RebootInputs {
         policy: r.settings.reboot.value,
         action,
-        applied: outcome == Outcome::Applied,
+        applied: outcome == Outcome::Applied || unasked,
         target: &target,
         new: &system::boot_files(&target),
         booted_system: booted_system.as_deref(),
@@ -512,6 +540,15 @@ async fn converge(
     }
     let reboot_needed = assessment.needed;
     record.reboot = Some(RebootRecord::new(r.settings.reboot.value, assessment));
+    if outcome == Outcome::Applied {
+        // Recorded as soon as it is verified, with its reboot need: the
+        // scripts still to come may be killed, or fail to start, and the
+        // next run must know the system changed and needs a reboot.
+        let mut applied = record.clone();
+        applied.finish(Outcome::Applied, message.clone());
+        state.last_applied = Some(applied);
+        store.save(state)?;
+    }
     let id = match outcome {
         Outcome::Applied => log::message_id::APPLIED,
         _ => log::message_id::NOTHING_TO_DO,
@@ -535,8 +572,11 @@ async fn run_scripts(
 ) -> Result<usize, Failure> {
     let (config, store) = (ctx.config, ctx.store);
     let mut failures = 0;
-    let dir = config.agent.state_dir.join("scripts");
+    let mut dir = None;
     for (index, s) in ud.scripts.iter().enumerate() {
+        if crate::stop::requested().is_some() {
+            break;
+        }
         if let Some(prev) = state.scripts.iter().find(|r| r.label == s.label) {
             tracing::info!(
                 step = script::STEP,
@@ -546,14 +586,10 @@ async fn run_scripts(
             );
             continue;
         }
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| crate::state::StateError::Io {
-                path: dir.clone(),
-                reason: format!("cannot be created: {e}"),
-            })?;
+        let dir = match &mut dir {
+            Some(d) => d,
+            None => dir.insert(store.scripts_dir()?),
+        };
         state.scripts.push(ScriptRecord {
             label: s.label.clone(),
             size: s.digest.size,
@@ -574,7 +610,7 @@ async fn run_scripts(
         let r = script::run(
             s,
             index,
-            &dir,
+            dir,
             config.agent.script_timeout,
             &config.agent.current_system,
         )

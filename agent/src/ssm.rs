@@ -3,10 +3,11 @@
 //! instance role through IMDS). The SDK's own retries are off so that the
 //! agent's one retry loop owns the step's budget.
 
-use crate::aws;
+use crate::aws::{self, ReplyTooLarge, SetupError};
 use crate::retry::{self, Attempt, Backoff, RetryError};
 use crate::settings::ParameterName;
-use aws_sdk_ssm::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use crate::text;
+use aws_sdk_ssm::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ssm::operation::get_parameter::GetParameterError;
 use aws_sdk_ssm::types::ParameterType;
 use std::time::Duration;
@@ -59,6 +60,13 @@ pub enum SsmError {
          at a bundle"
     )]
     NoCaCertificates { name: String, detail: String },
+    #[error("SSM parameter {name}: {reason}")]
+    Setup { name: String, reason: String },
+    #[error("SSM parameter {name}: {interrupted}")]
+    Interrupted {
+        name: String,
+        interrupted: crate::stop::Interrupted,
+    },
     #[error("SSM parameter {name} in {region}: gave up after {attempts} attempts in {:.1}s: {last}", elapsed.as_secs_f64())]
     Exhausted {
         name: String,
@@ -74,6 +82,7 @@ enum Fault {
     Denied(String),
     Rejected(String),
     Transient(String),
+    Stopped(crate::stop::Interrupted),
 }
 
 impl std::fmt::Display for Fault {
@@ -82,6 +91,7 @@ impl std::fmt::Display for Fault {
             Fault::NotFound(s) | Fault::Denied(s) | Fault::Rejected(s) | Fault::Transient(s) => {
                 f.write_str(s)
             }
+            Fault::Stopped(i) => write!(f, "{i}"),
         }
     }
 }
@@ -105,12 +115,21 @@ impl Ssm {
     ) -> Result<Self, SsmError> {
         let sdk = aws::sdk_config(region, imds_endpoint, backoff)
             .await
-            .map_err(|detail| SsmError::NoCaCertificates {
-                name: name.as_str().to_owned(),
-                detail,
+            .map_err(|e| match e {
+                SetupError::NoCaCertificates(detail) => SsmError::NoCaCertificates {
+                    name: name.as_str().to_owned(),
+                    detail,
+                },
+                e => SsmError::Setup {
+                    name: name.as_str().to_owned(),
+                    reason: e.to_string(),
+                },
             })?;
+        let config = aws_sdk_ssm::config::Builder::from(&sdk)
+            .interceptor(aws::REPLY_LIMIT)
+            .build();
         Ok(Self {
-            client: aws_sdk_ssm::Client::new(&sdk),
+            client: aws_sdk_ssm::Client::from_conf(config),
             region: region.to_owned(),
             backoff,
         })
@@ -118,9 +137,21 @@ impl Ssm {
 
     pub async fn get(&self, name: &ParameterName) -> Result<Parameter, SsmError> {
         let what = format!("SSM parameter {}", name.as_str());
-        let r = retry::retry(&self.backoff, &what, |_| self.attempt(name)).await;
+        // No program runs here: an attempt in flight ends with a stop.
+        let r = retry::retry(&self.backoff, &what, |_| async move {
+            match crate::stop::or_stop(self.attempt(name)).await {
+                Ok(r) => r,
+                Err(i) => Err(Attempt::Fail(Fault::Stopped(i))),
+            }
+        })
+        .await;
         let (n, region) = (name.as_str().to_owned(), self.region.clone());
         r.map_err(|e| match e {
+            RetryError::Stopped(interrupted)
+            | RetryError::Permanent(Fault::Stopped(interrupted)) => SsmError::Interrupted {
+                name: n,
+                interrupted,
+            },
             RetryError::Permanent(Fault::NotFound(code)) => SsmError::NotFound {
                 name: n,
                 region,
@@ -162,6 +193,14 @@ impl Ssm {
         let p = out
             .parameter
             .ok_or_else(|| Attempt::Fail(Fault::Rejected("the reply holds no parameter".into())))?;
+        // A reply about another parameter is not this parameter's value
+        // (a misrouted or hostile endpoint).
+        if let Some(got) = p.name.as_deref().filter(|got| !name.matches_reply(got)) {
+            return Err(Attempt::Fail(Fault::Rejected(format!(
+                "the reply names another parameter, {}",
+                text::shown(got, 200)
+            ))));
+        }
         let secure = p.r#type == Some(ParameterType::SecureString);
         let value = p
             .value
@@ -175,11 +214,13 @@ impl Ssm {
 }
 
 fn classify(e: SdkError<GetParameterError>) -> Attempt<Fault> {
-    let detail = DisplayErrorContext(&e).to_string();
+    // Bounded, and never the reply's body: a 200 that does not parse holds
+    // the decrypted value of a SecureString.
+    let detail = aws::describe(&e);
     match &e {
         SdkError::ServiceError(se) => {
             let status = se.raw().status().as_u16();
-            let code = se.err().code().unwrap_or("unknown error").to_owned();
+            let code = text::shown(se.err().code().unwrap_or("unknown error"), 100);
             match se.err() {
                 GetParameterError::ParameterNotFound(_)
                 | GetParameterError::ParameterVersionNotFound(_) => {
@@ -191,11 +232,11 @@ fn classify(e: SdkError<GetParameterError>) -> Attempt<Fault> {
                     Attempt::retry(Fault::Transient(format!("{code} (HTTP {status})")))
                 }
                 _ if is_denied(&code) || status == 403 => Attempt::Fail(Fault::Denied(code)),
-                _ => Attempt::Fail(Fault::Rejected(format!(
-                    "{code} (HTTP {status}): {}",
-                    se.err().message().unwrap_or("no message")
-                ))),
+                _ => Attempt::Fail(Fault::Rejected(detail)),
             }
+        }
+        SdkError::ResponseError(_) if aws::find_in_chain::<ReplyTooLarge>(&e).is_some() => {
+            Attempt::Fail(Fault::Rejected(detail))
         }
         // Network, timeouts, and credentials not yet available from IMDS
         // early in boot: all may heal.

@@ -2,14 +2,15 @@
 //! written atomically (temp file, fsync, rename, fsync dir), root-only,
 //! keyed by instance id so an image made from a running instance starts
 //! fresh. The lock (`state-dir/lock`, flock) makes runs take turns and is
-//! released by the kernel when a run dies.
+//! released by the kernel when a run dies. The directory and its files go
+//! through [`SafeDir`]: no links followed, regular files only, bounded
+//! reads.
 
 use crate::plan::RebootAssessment;
+use crate::safe_dir::{SafeDir, SafeDirError};
 use crate::settings::{Action, RebootPolicy};
 use serde::{Deserialize, Serialize};
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -183,8 +184,11 @@ pub enum Previous {
     },
 }
 
+/// The state directory: opened (and checked, or repaired) once, every
+/// file in it read and written through [`SafeDir`].
 pub struct Store {
     dir: PathBuf,
+    safe: Option<SafeDir>,
 }
 
 /// Held for the whole run; the kernel drops the flock if the run dies.
@@ -192,23 +196,31 @@ pub struct Lock {
     _file: File,
 }
 
+/// A state file larger than this is not ours (a run writes a few KiB).
+const MAX_STATE: usize = 1 << 20;
+
 impl Store {
-    /// Opens (creating 0700 if needed) the state directory.
+    /// Opens the state directory, creating it (0700) if needed, repairing
+    /// its mode and owner, refusing a link or a directory it cannot make
+    /// its own.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| io(dir, "cannot be created", e))?;
+        let safe = SafeDir::create_or_repair(dir).map_err(|e| StateError::Io {
+            path: dir.to_owned(),
+            reason: match e {
+                SafeDirError::Unusable { reason, .. } => reason,
+            },
+        })?;
         Ok(Self {
             dir: dir.to_owned(),
+            safe: Some(safe),
         })
     }
 
-    /// For readers (`status`, `plan`): never creates anything.
+    /// For readers (`status`, `plan`): never creates or changes anything.
     pub fn at(dir: &Path) -> Self {
         Self {
             dir: dir.to_owned(),
+            safe: None,
         }
     }
 
@@ -216,15 +228,28 @@ impl Store {
         self.dir.join(FILE)
     }
 
+    fn safe(&self) -> &SafeDir {
+        self.safe
+            .as_ref()
+            .expect("Store::open, not Store::at, for a run's writes")
+    }
+
+    /// `scripts/` in the state directory, held to the same rules.
+    pub fn scripts_dir(&self) -> Result<SafeDir, StateError> {
+        self.safe().subdir("scripts").map_err(|e| StateError::Io {
+            path: self.dir.join("scripts"),
+            reason: match e {
+                SafeDirError::Unusable { reason, .. } => reason,
+            },
+        })
+    }
+
     pub async fn lock(&self, wait: Duration) -> Result<Lock, StateError> {
         let path = self.dir.join(LOCK);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| io(&path, "lock file cannot be opened", e))?;
+        let file = self.safe().lock_file(LOCK).map_err(|e| StateError::Io {
+            path: path.clone(),
+            reason: format!("the lock file {e}; remove it"),
+        })?;
         let start = tokio::time::Instant::now();
         let mut told = false;
         loop {
@@ -250,25 +275,39 @@ impl Store {
     /// Reads the state file as it is, for `status`.
     pub fn read(&self) -> Result<Option<State>, StateError> {
         let path = self.path();
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io(&path, "cannot be read", e)),
+        let unusable = |reason: String| StateError::Io {
+            path: path.clone(),
+            reason,
         };
-        parse(&bytes)
-            .map(Some)
-            .map_err(|reason| StateError::Io { path, reason })
+        let dir = match &self.safe {
+            Some(d) => d,
+            None => match SafeDir::existing(&self.dir) {
+                Ok(Some(d)) => return Self::read_in(&d, &path),
+                Ok(None) => return Ok(None),
+                Err(SafeDirError::Unusable { reason, .. }) => return Err(unusable(reason)),
+            },
+        };
+        Self::read_in(dir, &path)
+    }
+
+    fn read_in(dir: &SafeDir, path: &Path) -> Result<Option<State>, StateError> {
+        let err = |reason: String| StateError::Io {
+            path: path.to_owned(),
+            reason,
+        };
+        match dir.read(FILE, MAX_STATE) {
+            Ok(Some(bytes)) => parse(&bytes).map(Some).map_err(err),
+            Ok(None) => Ok(None),
+            Err(e) => Err(err(e.to_string())),
+        }
     }
 
     /// This instance's state; anything unusable is set aside, never fatal.
     pub fn load(&self, instance_id: &str) -> Result<(State, Previous), StateError> {
-        let path = self.path();
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok((State::fresh(instance_id), Previous::None));
-            }
-            Err(e) => return self.set_aside(instance_id, format!("cannot be read: {e}")),
+        let bytes = match self.safe().read(FILE, MAX_STATE) {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok((State::fresh(instance_id), Previous::None)),
+            Err(e) => return self.set_aside(instance_id, e.to_string()),
         };
         match parse(&bytes) {
             Ok(s) if s.instance_id == instance_id => Ok((s, Previous::SameInstance)),
@@ -280,6 +319,7 @@ impl Store {
         }
     }
 
+    /// Moves the state file aside, never over an earlier one.
     fn set_aside(
         &self,
         instance_id: &str,
@@ -289,8 +329,10 @@ impl Store {
         let stamp = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let to = self.dir.join(format!("{FILE}.unusable-{stamp}"));
-        fs::rename(&from, &to).map_err(|e| io(&from, "cannot be moved aside", e))?;
+        let to = self
+            .safe()
+            .set_aside(FILE, &format!("unusable-{stamp}"))
+            .map_err(|e| io(&from, "cannot be moved aside", e))?;
         Ok((
             State::fresh(instance_id),
             Previous::MovedAside { to, reason },
@@ -299,22 +341,11 @@ impl Store {
 
     pub fn save(&self, state: &State) -> Result<(), StateError> {
         let path = self.path();
-        let tmp = self.dir.join(format!(".{FILE}.tmp"));
         let mut bytes = serde_json::to_vec_pretty(state).expect("state serialises");
         bytes.push(b'\n');
-        let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            File::open(&self.dir)?.sync_all()
-        };
-        write().map_err(|e| io(&path, "cannot be written", e))
+        self.safe()
+            .write_atomic(FILE, &format!(".{FILE}.tmp"), &bytes)
+            .map_err(|e| io(&path, "cannot be written", e))
     }
 }
 

@@ -86,18 +86,89 @@ impl Agent {
     }
 }
 
+/// An IMDS endpoint is a base URL: `http://HOST[:PORT][/PATH]` and nothing
+/// else. Request paths are appended to it, so a query (`?x=1`), a
+/// fragment, credentials or a relative reference would send the requests
+/// somewhere else than they look.
 fn check_endpoint(raw: &str) -> Result<(), String> {
-    let Some(rest) = raw.strip_prefix("http://") else {
-        return Err("must be an http:// URL (IMDS does not speak TLS)".into());
-    };
-    let host = rest.trim_end_matches('/');
-    if host.is_empty()
-        || host.contains('/')
-        || host.chars().any(|c| c.is_whitespace() || c.is_control())
+    const FORM: &str = "must be a base URL, http://HOST[:PORT][/PATH]";
+    if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{FORM}, without spaces or control characters"));
+    }
+    // The URL parser forgives what a reader would misread (`http:///x`
+    // is host `x`): the text itself must start with the scheme and a host.
+    match raw.strip_prefix("http://") {
+        Some(rest) if !rest.is_empty() && !rest.starts_with(['/', '\\']) => {}
+        Some(_) => return Err(format!("{FORM}: no host")),
+        None => {
+            return Err(format!(
+                "{FORM}: it must start with http:// (IMDS does not speak TLS)"
+            ));
+        }
+    }
+    let url = url::Url::parse(raw).map_err(|e| format!("{FORM}: {e}"))?;
+    if url.scheme() != "http" {
+        return Err(format!(
+            "{FORM}: the scheme must be http:// (IMDS does not speak TLS), not {}://",
+            url.scheme()
+        ));
+    }
+    match url.host() {
+        None => return Err(format!("{FORM}: no host")),
+        Some(url::Host::Domain(d)) => {
+            let labels = d.strip_suffix('.').unwrap_or(d);
+            if labels.split('.').any(|l| {
+                l.is_empty()
+                    || l.len() > 63
+                    || !l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            }) {
+                return Err(format!("{FORM}: {d:?} is not a host name"));
+            }
+        }
+        Some(url::Host::Ipv4(_) | url::Host::Ipv6(_)) => {}
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("{FORM}: no user or password"));
+    }
+    if raw.contains('?') || url.query().is_some() {
+        return Err(format!("{FORM}: no query (`?`)"));
+    }
+    if raw.contains('#') || url.fragment().is_some() {
+        return Err(format!("{FORM}: no fragment (`#`)"));
+    }
+    // Request paths are appended to it: letters, digits, `-._~` and `/`.
+    if !url
+        .path()
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-._~/".contains(c))
     {
-        return Err("must be http://HOST[:PORT] with no path".into());
+        return Err(format!(
+            "{FORM}: the path may hold only letters, digits, `-._~` and `/`"
+        ));
     }
     Ok(())
+}
+
+/// Durations beyond this are typos ("300000000000y"), and adding them to
+/// a clock would overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A config file far larger than this is not one.
+const MAX_FILE: usize = 1 << 20;
+
+/// Up to `max + 1` bytes of `path`.
+fn read_bounded(path: &Path, max: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path)?;
+    if file.metadata()?.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::IsADirectory,
+            "is a directory",
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(max as u64 + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,7 +201,16 @@ impl Config {
     /// named it (`--config`), since the image may legitimately write none.
     pub fn load(path: &Path, explicit: bool) -> Result<Self, SettingsError> {
         let source = Source::ConfigFile(path.to_owned());
-        let text = match std::fs::read(path) {
+        // At most MAX_FILE bytes, whatever the file is (a link to
+        // /dev/zero has no size to check beforehand).
+        let text = match read_bounded(path, MAX_FILE) {
+            Ok(t) if t.len() > MAX_FILE => {
+                return Err(SettingsError::new(
+                    &source,
+                    None,
+                    format!("is larger than {} KiB", MAX_FILE / 1024),
+                ));
+            }
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
                 tracing::debug!(path = %path.display(), "no config file; using built-in defaults");
@@ -186,6 +266,10 @@ fn agent(t: AgentTable, source: &Source) -> Result<Agent, SettingsError> {
             match v {
                 None => Ok(default),
                 Some(s) => match humantime::parse_duration(&s) {
+                    Ok(d) if d > MAX_DURATION => Err(err(
+                        key,
+                        format!("{s:?} is longer than the longest allowed, 7 days"),
+                    )),
                     Ok(d) if !d.is_zero() => Ok(d),
                     Ok(_) => Err(err(key, "must be longer than zero".into())),
                     Err(e) => Err(err(
@@ -304,9 +388,39 @@ mod tests {
                 "http://",
             ),
             (
-                "[agent]\nimds-endpoint = \"http://x/latest\"",
+                "[agent]\nimds-endpoint = \"http://127.0.0.1:1/?x=1\"",
                 "agent.imds-endpoint",
-                "no path",
+                "no query",
+            ),
+            (
+                "[agent]\nimds-endpoint = \"http://127.0.0.1:1/#x\"",
+                "agent.imds-endpoint",
+                "no fragment",
+            ),
+            (
+                "[agent]\nimds-endpoint = \"http://user@127.0.0.1:1\"",
+                "agent.imds-endpoint",
+                "no user",
+            ),
+            (
+                "[agent]\nimds-endpoint = \"http://127.0.0.1:99999\"",
+                "agent.imds-endpoint",
+                "base URL",
+            ),
+            (
+                "[agent]\nimds-endpoint = \"http:///latest\"",
+                "agent.imds-endpoint",
+                "base URL",
+            ),
+            (
+                "[agent]\nretry-budget = \"300000000000y\"",
+                "agent.retry-budget",
+                "7 days",
+            ),
+            (
+                "[agent]\napply-timeout = \"8d\"",
+                "agent.apply-timeout",
+                "7 days",
             ),
             (
                 "[agent]\nfh-path = \"/x\"",

@@ -100,8 +100,10 @@ pub struct RebootAssessment {
 pub struct RebootInputs<'a> {
     pub policy: RebootPolicy,
     pub action: Action,
-    /// Whether this run applied (for `always`: reboot after an apply only,
-    /// or every run would reboot).
+    /// Whether the system changed to the target with no reboot asked for
+    /// since: this run applied it, or an earlier run did and was stopped
+    /// before it asked (for `always`: reboot after an apply only, or every
+    /// run would reboot).
     pub applied: bool,
     pub target: &'a Path,
     pub new: &'a BootFiles,

@@ -5,8 +5,9 @@
 //! whatever is accepted must be safe to hand to a program. The same entry
 //! points are fuzzed by `fuzz/` (cargo-fuzz).
 
-use nixos_ami_agent_core::config::Config;
+use nixos_ami_agent_core::config::{Config, MAX_DURATION};
 use nixos_ami_agent_core::settings::{OutputRef, ParameterName, Target, parameter};
+use nixos_ami_agent_core::text;
 use nixos_ami_agent_core::userdata::{self, gzip};
 use proptest::prelude::*;
 use std::io::Write;
@@ -15,14 +16,23 @@ use std::path::Path;
 /// Every entry point that takes untrusted text, and the invariants of what
 /// they accept.
 fn exercise(bytes: &[u8]) {
-    if let Ok(ud) = userdata::sniff(bytes) {
-        if let Some(Target::Flake(f)) = ud.settings.as_ref().and_then(|l| l.target.as_ref()) {
-            safe_argument(f.as_str());
+    match userdata::sniff(bytes) {
+        Ok(ud) => {
+            if let Some(Target::Flake(f)) = ud.settings.as_ref().and_then(|l| l.target.as_ref()) {
+                safe_argument(f.as_str());
+            }
+            for s in &ud.scripts {
+                assert!(s.body.starts_with(b"#!"));
+            }
+            // One inflate cap for the whole user data: what is kept is at
+            // most the input plus the cap, however it was encoded.
+            let kept: usize = ud.scripts.iter().map(|s| s.body.len()).sum();
+            assert!(kept <= bytes.len() + gzip::MAX_INFLATED, "{kept}");
+            for part in &ud.ignored {
+                loggable(part);
+            }
         }
-        for s in &ud.scripts {
-            assert!(s.body.starts_with(b"#!"));
-            assert!(s.body.len() <= gzip::MAX_INFLATED);
-        }
+        Err(e) => loggable(&e.to_string()),
     }
     let text = String::from_utf8_lossy(bytes);
     for secret in [false, true] {
@@ -30,13 +40,49 @@ fn exercise(bytes: &[u8]) {
             safe_argument(p.flake.as_str());
         }
     }
-    let _ = Config::parse(&text, Path::new("/etc/nixos-ami-agent/config.toml"));
+    check_config(&text);
     if let Ok(r) = OutputRef::parse(&text) {
         safe_argument(r.as_str());
     }
     if let Ok(p) = ParameterName::parse(&text) {
         safe_argument(p.as_str());
+        assert!(p.matches_reply(p.as_str()));
     }
+    loggable(&text::escape_controls(&text));
+}
+
+/// What a config file may hold: durations no clock overflows on, and an
+/// IMDS endpoint that is a plain base URL. Errors are safe to log.
+fn check_config(text: &str) {
+    match Config::parse(text, Path::new("/etc/nixos-ami-agent/config.toml")) {
+        Ok(c) => {
+            let a = &c.agent;
+            for d in [
+                a.retry_budget,
+                a.command_timeout,
+                a.apply_timeout,
+                a.script_timeout,
+                a.lock_wait,
+            ] {
+                assert!(!d.is_zero() && d <= MAX_DURATION, "{d:?}");
+            }
+            if let Ok(e) = a.imds_endpoint(None) {
+                assert!(e.starts_with("http://"), "{e}");
+                assert!(!e.contains(['?', '#', '@']), "{e}");
+                assert!(
+                    !e.chars().any(|c| c.is_whitespace() || c.is_control()),
+                    "{e}"
+                );
+            }
+        }
+        Err(e) => loggable(&e.to_string()),
+    }
+}
+
+/// A line that can go to a log or a terminal as it is: no control
+/// characters but tab (escaped ones are fine).
+fn loggable(s: &str) {
+    assert!(!s.chars().any(|c| c.is_control() && c != '\t'), "{s:?}");
 }
 
 /// What reaches an argv: never a flag, never more than one word.
@@ -86,6 +132,34 @@ fn ctype() -> impl Strategy<Value = String> {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn durations_and_endpoints_in_the_config_file(
+        key in prop_oneof![
+            Just("retry-budget"), Just("command-timeout"), Just("apply-timeout"),
+            Just("script-timeout"), Just("lock-wait"),
+        ],
+        amount in prop_oneof![Just(u64::MAX), Just(300_000_000_000), any::<u64>(), 0u64..1000],
+        unit in prop_oneof![Just("y"), Just("d"), Just("h"), Just("s"), Just("ms"), Just("ns"), Just("")],
+        endpoint in prop_oneof![
+            "http://[a-z0-9.]{1,20}(:[0-9]{1,6})?(/[ -~]{0,20})?",
+            "[ -~]{0,40}",
+            Just("http://127.0.0.1:1/?x=1".to_owned()),
+            Just("http://u:p@127.0.0.1/".to_owned()),
+            Just("http://127.0.0.1/#f".to_owned()),
+        ],
+    ) {
+        check_config(&format!("[agent]\n{key} = \"{amount}{unit}\"\n"));
+        check_config(&format!("[agent]\nimds-endpoint = {endpoint:?}\n"));
+    }
+
+    #[test]
+    fn escaping_leaves_nothing_to_interpret(s in any::<String>(), max in 0usize..64) {
+        loggable(&text::escape_controls(&s));
+        let shown = text::shown(&s, max);
+        loggable(&shown);
+        prop_assert!(shown.len() <= text::escape_controls(&s).len().max(max) + 40 + 4 * max);
+    }
 
     #[test]
     fn arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..20_000)) {

@@ -103,7 +103,10 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 }
 
 pub struct Output {
+    /// The exit code; -1 when the agent died of a signal.
     pub code: i32,
+    /// The signal the agent died of, if it did.
+    pub signal: Option<i32>,
     pub stdout: String,
     pub stderr: String,
 }
@@ -112,8 +115,8 @@ impl std::fmt::Debug for Output {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "exit {}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.stdout, self.stderr
+            "exit {} (signal {:?})\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.signal, self.stdout, self.stderr
         )
     }
 }
@@ -446,8 +449,10 @@ pub fn finish(mut child: Child, limit: Duration) -> Output {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    use std::os::unix::process::ExitStatusExt;
     Output {
         code: status.code().unwrap_or(-1),
+        signal: status.signal(),
         stdout: o.join().unwrap(),
         stderr: e.join().unwrap(),
     }

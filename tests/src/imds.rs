@@ -26,6 +26,13 @@ pub enum Fault {
     },
     /// Answer normally, but only after this long.
     Delay(Duration),
+    /// A redirect to `location`, which a client must not follow.
+    Redirect {
+        status: u16,
+        location: String,
+    },
+    /// A token, with this TTL header instead of the one asked for.
+    TokenTtl(String),
 }
 
 #[derive(Debug, Clone)]
@@ -212,6 +219,19 @@ async fn handle(
                 .header("retry-after", retry_after.to_string())
                 .body(Body::from("busy"))
                 .unwrap(),
+            Some(Fault::Redirect { status, location }) => Response::builder()
+                .status(*status)
+                .header("location", location.as_str())
+                .body(Body::empty())
+                .unwrap(),
+            Some(Fault::TokenTtl(header)) => {
+                let mut r = answer(&mut s, &method, &path, token.as_deref(), ttl.as_deref());
+                r.headers_mut().insert(
+                    "x-aws-ec2-metadata-token-ttl-seconds",
+                    header.parse().unwrap(),
+                );
+                r
+            }
             Some(Fault::Delay(_)) | None => {
                 answer(&mut s, &method, &path, token.as_deref(), ttl.as_deref())
             }

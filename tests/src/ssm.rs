@@ -45,6 +45,21 @@ pub enum Fault {
     AccessDenied,
     /// Answer normally after this long.
     Delay(Duration),
+    /// This reply instead of the answer (a body that does not parse, a
+    /// huge one).
+    Raw {
+        status: u16,
+        body: Vec<u8>,
+    },
+    /// A 200 whose body never ends (chunked, 1 MiB at a time).
+    Endless,
+    /// A redirect to `location`, which a client must not follow.
+    Redirect {
+        status: u16,
+        location: String,
+    },
+    /// The answer, but about another parameter.
+    OtherName(String),
 }
 
 #[derive(Debug, Clone)]
@@ -196,7 +211,39 @@ async fn handle(state: Arc<Mutex<Ssm>>, headers: HeaderMap, body: Bytes) -> Resp
             s.faults.pop_front()
         };
         let mut delay = None;
+        let mut renamed = None;
         let response = match fault {
+            Some(Fault::Raw { status, body }) => Some(
+                Response::builder()
+                    .status(status)
+                    .header("content-type", "application/x-amz-json-1.1")
+                    .body(Body::from(body))
+                    .unwrap(),
+            ),
+            Some(Fault::Endless) => {
+                let chunk = Bytes::from(vec![b' '; 1 << 20]);
+                let stream = futures_util::stream::repeat_with(move || {
+                    Ok::<_, std::io::Error>(chunk.clone())
+                });
+                Some(
+                    Response::builder()
+                        .status(200)
+                        .header("content-type", "application/x-amz-json-1.1")
+                        .body(Body::from_stream(stream))
+                        .unwrap(),
+                )
+            }
+            Some(Fault::Redirect { status, location }) => Some(
+                Response::builder()
+                    .status(status)
+                    .header("location", location)
+                    .body(Body::empty())
+                    .unwrap(),
+            ),
+            Some(Fault::OtherName(n)) => {
+                renamed = Some(n);
+                None
+            }
             Some(Fault::Throttling) => Some(error(400, "ThrottlingException", "Rate exceeded")),
             Some(Fault::Status500) => Some(error(500, "InternalServerError", "injected")),
             Some(Fault::AccessDenied) => Some(error(
@@ -210,7 +257,7 @@ async fn handle(state: Arc<Mutex<Ssm>>, headers: HeaderMap, body: Bytes) -> Resp
             }
             None => None,
         };
-        let response = response.unwrap_or_else(|| answer(&s, &request));
+        let response = response.unwrap_or_else(|| answer(&s, &request, renamed.as_deref()));
         (delay, response)
     };
     if let Some(d) = delay {
@@ -219,7 +266,22 @@ async fn handle(state: Arc<Mutex<Ssm>>, headers: HeaderMap, body: Bytes) -> Resp
     response
 }
 
-fn answer(s: &Ssm, r: &Request) -> Response {
+/// What SSM names in its reply: the parameter without a `:label` or
+/// `:version` selector (for an ARN, the ARN without it).
+fn reply_name(asked: &str) -> &str {
+    match asked.find(":parameter/") {
+        Some(i) => {
+            let start = i + ":parameter/".len();
+            match asked[start..].find(':') {
+                Some(j) => &asked[..start + j],
+                None => asked,
+            }
+        }
+        None => asked.split(':').next().unwrap_or(asked),
+    }
+}
+
+fn answer(s: &Ssm, r: &Request, renamed: Option<&str>) -> Response {
     if r.target.as_deref() != Some("AmazonSSM.GetParameter") {
         return error(
             400,
@@ -262,7 +324,7 @@ fn answer(s: &Ssm, r: &Request) -> Response {
         Some(p) => json(
             200,
             serde_json::json!({"Parameter": {
-                "Name": name.split(':').next().unwrap_or(name),
+                "Name": renamed.unwrap_or(reply_name(name)),
                 "Type": p.kind,
                 "Value": p.value,
                 "Version": p.version,

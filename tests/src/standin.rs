@@ -34,6 +34,8 @@ pub enum Mode {
     /// SIGKILL the agent (the stand-in's parent): during login, or, for fh
     /// apply, right after switching, before the agent can record it.
     KillAgent,
+    /// Hang, ignoring SIGTERM (only SIGKILL ends it).
+    HangIgnoringTerm,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -50,6 +52,9 @@ pub struct Behaviour {
     pub store_paths: HashMap<String, PathBuf>,
     pub current_system: PathBuf,
     pub system_profile: PathBuf,
+    /// Written verbatim to stderr by `fh apply` (a progress line with a
+    /// CR, an escape sequence, a fake log line).
+    pub apply_stderr: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +155,14 @@ fn kill_agent() {
         .status();
 }
 
+fn hang_ignoring_term() -> ! {
+    // SAFETY: setting a signal's disposition to ignore, single-threaded.
+    unsafe {
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+    }
+    hang()
+}
+
 fn hang() -> ! {
     let parent = std::os::unix::process::parent_id();
     for _ in 0..36_000 {
@@ -239,6 +252,12 @@ pub fn fh_main() -> ! {
         }
         ["apply", "nixos", reference, action] => {
             eprintln!("applying {reference} ({action})");
+            // For tests that signal the run: which process to look for.
+            std::fs::write(dir.join("pid-apply"), std::process::id().to_string()).unwrap();
+            if let Some(raw) = &b.apply_stderr {
+                use std::io::Write;
+                let _ = std::io::stderr().write_all(raw.as_bytes());
+            }
             let Some(path) = b.store_paths.get(reference) else {
                 eprintln!("error: no such flake output {reference}");
                 std::process::exit(1);
@@ -257,6 +276,7 @@ pub fn fh_main() -> ! {
             }
             match b.apply {
                 Mode::Hang => hang(),
+                Mode::HangIgnoringTerm => hang_ignoring_term(),
                 Mode::Fail => {
                     eprintln!("error: building the system failed (stand-in)");
                     std::process::exit(1)

@@ -94,8 +94,22 @@ impl Cli {
             // `run` reports its own outcome (journal events, sd_notify),
             // including a config file it cannot use.
             Command::Run => {
+                if let Err(e) = crate::stop::install() {
+                    tracing::warn!("cannot handle SIGTERM/SIGINT/SIGHUP: {e}");
+                }
                 let r = match config() {
-                    Ok(c) => crate::run::run(&c, &env).await.map(|_| ()),
+                    Ok(c) => {
+                        tokio::select! {
+                            r = crate::run::run(&c, &env) => r.map(|_| ()),
+                            () = wind_down_limit() => {
+                                // The run did not wind down after a stop:
+                                // nothing it started may outlive it.
+                                crate::process::kill_all();
+                                tracing::error!("the run did not wind down within {}s of the stop; its programs were killed", WIND_DOWN.as_secs());
+                                return exit::TEMPFAIL;
+                            }
+                        }
+                    }
                     Err(e) => Err(crate::run::report_failure(e)),
                 };
                 return r.err().map_or(exit::OK, |e| e.exit_code());
@@ -123,6 +137,16 @@ impl Cli {
     }
 }
 
+/// How long a stopped run may take to pass the signal on, wait for its
+/// program (5 s, then SIGKILL) and record the stop.
+const WIND_DOWN: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Resolves `WIND_DOWN` after a stop request; never without one.
+async fn wind_down_limit() {
+    crate::stop::wait().await;
+    tokio::time::sleep(WIND_DOWN).await;
+}
+
 fn load_config(explicit: Option<PathBuf>) -> Result<Config, Failure> {
     let (path, explicit) = match explicit {
         Some(p) => (p, true),
@@ -131,17 +155,25 @@ fn load_config(explicit: Option<PathBuf>) -> Result<Config, Failure> {
     Config::load(&path, explicit).map_err(Failure::Config)
 }
 
-/// Reads a user-data file for `plan --user-data` and `validate`.
+/// Reads a user-data file for `plan --user-data` and `validate`: at most
+/// 1 MiB is read, whatever the file is (`/dev/zero` has no size to check
+/// beforehand, and a pipe has none either).
 fn read_user_data(path: &std::path::Path) -> Result<Vec<u8>, Failure> {
     // EC2 user data is at most 16 KiB; a file far larger is not user data.
     const MAX: u64 = 1 << 20;
-    let meta =
-        std::fs::metadata(path).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
-    if meta.len() > MAX {
+    use std::io::Read as _;
+    let shown = crate::text::escape_controls(&path.display().to_string()).into_owned();
+    let fail = |e: std::io::Error| Failure::Usage(format!("{shown}: {e}"));
+    let file = std::fs::File::open(path).map_err(fail)?;
+    if file.metadata().map_err(fail)?.is_dir() {
+        return Err(Failure::Usage(format!("{shown}: is a directory")));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX + 1).read_to_end(&mut bytes).map_err(fail)?;
+    if bytes.len() as u64 > MAX {
         return Err(Failure::Usage(format!(
-            "{}: larger than 1 MiB; EC2 user data is at most 16 KiB",
-            path.display()
+            "{shown}: larger than 1 MiB; EC2 user data is at most 16 KiB"
         )));
     }
-    std::fs::read(path).map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))
+    Ok(bytes)
 }

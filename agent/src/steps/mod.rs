@@ -27,6 +27,9 @@ pub enum StepError {
     TimedOut { step: &'static str, reason: String },
     #[error("{step}: {reason}")]
     Failed { step: &'static str, reason: String },
+    /// The run was asked to stop while the step ran.
+    #[error("{step}: {reason}")]
+    Interrupted { step: &'static str, reason: String },
 }
 
 impl StepError {
@@ -44,12 +47,20 @@ impl StepError {
                 step,
                 reason: e.to_string(),
             },
+            ProcessError::Interrupted { .. } => StepError::Interrupted {
+                step,
+                reason: e.to_string(),
+            },
         }
     }
 
     fn from_retry(step: &'static str, e: RetryError<StepError>) -> Self {
         match e {
             RetryError::Permanent(e) => e,
+            RetryError::Stopped(i) => StepError::Interrupted {
+                step,
+                reason: i.to_string(),
+            },
             RetryError::Exhausted {
                 last,
                 attempts,
@@ -58,7 +69,8 @@ impl StepError {
                 let last = match last {
                     StepError::Missing { reason, .. }
                     | StepError::TimedOut { reason, .. }
-                    | StepError::Failed { reason, .. } => reason,
+                    | StepError::Failed { reason, .. }
+                    | StepError::Interrupted { reason, .. } => reason,
                     StepError::Exhausted { last, .. } => last,
                 };
                 StepError::Exhausted {
@@ -76,7 +88,9 @@ impl StepError {
 /// succeed next time (network, FlakeHub, credentials not yet there).
 fn classify(step: &'static str, e: ProcessError) -> Attempt<StepError> {
     match e {
-        ProcessError::Missing { .. } => Attempt::Fail(StepError::from_process(step, e)),
+        ProcessError::Missing { .. } | ProcessError::Interrupted { .. } => {
+            Attempt::Fail(StepError::from_process(step, e))
+        }
         _ => Attempt::retry(StepError::from_process(step, e)),
     }
 }

@@ -4,9 +4,8 @@
 
 use crate::process::{self, ProcessError, Program, describe};
 use crate::redact::Redactor;
+use crate::safe_dir::SafeDir;
 use crate::userdata::Script;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -18,14 +17,17 @@ pub struct ScriptResult {
     pub result: String,
 }
 
-/// Writes the script into `dir` (root-only) and executes it directly: the
-/// kernel reads its `#!` line, no shell of ours is involved. Its PATH
+/// Writes the script into `dir` (the state directory's `scripts/`, checked
+/// to be root's own and 0700, so nobody else can swap the file between
+/// the write and the exec; the file is created exclusively, never through
+/// a link) and executes it directly: the kernel reads its `#!` line, no
+/// shell of ours is involved. Its PATH
 /// starts with setuid wrappers and the system's programs, which a script
 /// written for amazon-init expects (`fh`, `determinate-nixd`, `nix`).
 pub async fn run(
     script: &Script,
     index: usize,
-    dir: &Path,
+    dir: &SafeDir,
     timeout: Duration,
     current_system: &Path,
 ) -> ScriptResult {
@@ -33,22 +35,18 @@ pub async fn run(
         success: false,
         result,
     };
-    let file = dir.join(format!("user-data-script-{index}"));
-    let written = (|| -> std::io::Result<()> {
-        let _ = std::fs::remove_file(&file);
-        let mut f = std::fs::OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .mode(0o700)
-            .open(&file)?;
-        f.write_all(&script.body)?;
-        f.sync_all()
-    })();
-    if let Err(e) = written {
-        return failed(format!("could not be written to {}: {e}", file.display()));
-    }
+    let name = format!("user-data-script-{index}");
+    let file = match dir.create_new(&name, 0o700, &script.body) {
+        Ok(f) => f,
+        Err(e) => {
+            return failed(format!(
+                "could not be written to {}: {e}",
+                dir.path().join(&name).display()
+            ));
+        }
+    };
     let mut prog = Program::new(&file, STEP, timeout).system_path(current_system);
-    prog.cwd = Some(dir);
+    prog.cwd = Some(dir.path());
     match process::run(&prog, &Redactor::default()).await {
         Ok(out) => ScriptResult {
             success: out.status.success(),

@@ -145,9 +145,16 @@ pub struct Layer {
     pub login: Option<bool>,
 }
 
-/// A setting that was refused: which source, which key, why.
+/// A setting that was refused: which source, which key, why. The key and
+/// the reason may quote the input, so they are shown with control
+/// characters escaped and cut to a bound.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{origin}: {}{reason}", key.as_ref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
+#[error(
+    "{}: {}{}",
+    crate::text::escape_controls(&origin.to_string()),
+    key.as_ref().map(|k| format!("key `{}`: ", crate::text::shown(k, 200))).unwrap_or_default(),
+    crate::text::shown(reason, 2000)
+)]
 pub struct SettingsError {
     pub origin: Source,
     pub key: Option<String>,

@@ -66,6 +66,29 @@ impl ParameterName {
     pub fn arn_region(&self) -> Option<&str> {
         self.region.as_deref()
     }
+
+    /// Whether GetParameter's reply (`Parameter.Name`) is about this
+    /// parameter: SSM answers with the name without a `:label` or
+    /// `:version` selector, or with the ARN for a parameter asked for by
+    /// ARN (whose resource drops a hierarchy's leading `/`).
+    pub fn matches_reply(&self, reply_name: &str) -> bool {
+        bare_name(&self.raw) == bare_name(reply_name)
+    }
+}
+
+/// `fleets/web` for `/fleets/web`, `/fleets/web:canary` and
+/// `arn:aws:ssm:R:A:parameter/fleets/web:3`.
+fn bare_name(s: &str) -> &str {
+    let name = match s.strip_prefix("arn:") {
+        Some(arn) => arn
+            .splitn(5, ':')
+            .nth(4)
+            .and_then(|r| r.strip_prefix("parameter/"))
+            .unwrap_or(s),
+        None => s,
+    };
+    let name = name.split_once(':').map_or(name, |(n, _)| n);
+    name.trim_start_matches('/')
 }
 
 fn check_name_and_selector(s: &str) -> Result<(), String> {
@@ -181,6 +204,21 @@ pub fn parse_value(value: &str, secret: bool) -> Result<ParameterSettings, Value
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_match_the_parameter_asked_for() {
+        let p = |s: &str| ParameterName::parse(s).unwrap();
+        assert!(p("/fleets/web").matches_reply("/fleets/web"));
+        assert!(p("/fleets/web:canary").matches_reply("/fleets/web"));
+        assert!(p("/fleets/web:7").matches_reply("/fleets/web"));
+        assert!(p("plain").matches_reply("plain"));
+        let arn = p("arn:aws:ssm:eu-west-1:123456789012:parameter/fleets/web:canary");
+        assert!(arn.matches_reply("/fleets/web"));
+        assert!(arn.matches_reply("arn:aws:ssm:eu-west-1:123456789012:parameter/fleets/web"));
+        assert!(!p("/fleets/web").matches_reply("/fleets/other"));
+        assert!(!p("/fleets/web").matches_reply("/fleets/web/child"));
+        assert!(!p("/fleets/web").matches_reply(""));
+    }
 
     #[test]
     fn names_labels_versions_and_arns() {

@@ -25,14 +25,21 @@ pub enum Part {
     Ignored { label: String, mimetype: String },
 }
 
-pub fn parts(bytes: &[u8]) -> Result<Vec<Part>, String> {
+/// The parts, each body decoded; gzipped bodies draw on `budget`, shared
+/// with the rest of the user data.
+pub fn parts(bytes: &[u8], budget: &mut gzip::Budget) -> Result<Vec<Part>, String> {
     let mail = mailparse::parse_mail(bytes).map_err(|e| format!("MIME: {e}"))?;
     let mut out = Vec::new();
-    walk(&mail, 0, &mut out)?;
+    walk(&mail, 0, &mut out, budget)?;
     Ok(out)
 }
 
-fn walk(mail: &mailparse::ParsedMail<'_>, depth: usize, out: &mut Vec<Part>) -> Result<(), String> {
+fn walk(
+    mail: &mailparse::ParsedMail<'_>,
+    depth: usize,
+    out: &mut Vec<Part>,
+    budget: &mut gzip::Budget,
+) -> Result<(), String> {
     if depth > MAX_DEPTH {
         return Err(format!(
             "MIME: multipart nested more than {MAX_DEPTH} levels deep"
@@ -40,7 +47,7 @@ fn walk(mail: &mailparse::ParsedMail<'_>, depth: usize, out: &mut Vec<Part>) -> 
     }
     if mail.ctype.mimetype.starts_with("multipart/") {
         for sub in &mail.subparts {
-            walk(sub, depth + 1, out)?;
+            walk(sub, depth + 1, out, budget)?;
         }
         return Ok(());
     }
@@ -48,13 +55,16 @@ fn walk(mail: &mailparse::ParsedMail<'_>, depth: usize, out: &mut Vec<Part>) -> 
         return Err(format!("MIME: more than {MAX_PARTS} parts"));
     }
     let label = label(out.len() + 1, mail);
-    let mimetype = mail.ctype.mimetype.to_ascii_lowercase();
-    let body = || -> Result<Vec<u8>, String> {
+    // From the user data, and logged: a Content-Type may carry any
+    // character once its encoded words are decoded (a newline would forge
+    // a log line), so it is shown escaped and cut.
+    let mimetype = crate::text::shown(&mail.ctype.mimetype.to_ascii_lowercase(), 100);
+    let mut body = || -> Result<Vec<u8>, String> {
         let raw = mail
             .get_body_raw()
             .map_err(|e| format!("MIME {label}: body cannot be decoded: {e}"))?;
         if gzip::is_gzip(&raw) {
-            gzip::inflate(&raw, gzip::MAX_INFLATED).map_err(|e| format!("MIME {label}: {e}"))
+            gzip::inflate(&raw, budget).map_err(|e| format!("MIME {label}: {e}"))
         } else {
             Ok(raw)
         }
@@ -125,7 +135,7 @@ mod tests {
             ),
         ]);
         assert!(looks_like_mime(ud.as_bytes()));
-        let p = parts(ud.as_bytes()).unwrap();
+        let p = parts(ud.as_bytes(), &mut gzip::Budget::default()).unwrap();
         assert_eq!(
             p,
             vec![
@@ -154,7 +164,7 @@ mod tests {
             "",
             inner.split_once("\n\n").unwrap().1,
         )]);
-        let p = parts(outer.as_bytes()).unwrap();
+        let p = parts(outer.as_bytes(), &mut gzip::Budget::default()).unwrap();
         assert!(matches!(&p[..], [Part::Settings { body, .. }] if body == b"login = false"));
 
         let mut deep = String::from("x");
@@ -163,7 +173,7 @@ mod tests {
                 "Content-Type: multipart/mixed; boundary=\"B{i}\"\n\n--B{i}\n{deep}\n--B{i}--\n"
             );
         }
-        let e = parts(deep.as_bytes()).unwrap_err();
+        let e = parts(deep.as_bytes(), &mut gzip::Budget::default()).unwrap_err();
         assert!(e.contains("nested"), "{e}");
     }
 
@@ -174,7 +184,7 @@ mod tests {
             "Content-Disposition: attachment; filename=\"$(reboot)\"\n",
             "x",
         )]);
-        let p = parts(ud.as_bytes()).unwrap();
+        let p = parts(ud.as_bytes(), &mut gzip::Budget::default()).unwrap();
         assert_eq!(
             p,
             vec![Part::Ignored {

@@ -110,9 +110,11 @@ fn invalid(reason: impl Into<String>) -> SettingsError {
 }
 
 pub fn sniff(raw: &[u8]) -> Result<UserData, SettingsError> {
+    // One inflate budget for the whole user data, every layer and part.
+    let mut budget = gzip::Budget::default();
     let inflated;
     let bytes = if gzip::is_gzip(raw) {
-        inflated = gzip::inflate(raw, gzip::MAX_INFLATED).map_err(invalid)?;
+        inflated = gzip::inflate(raw, &mut budget).map_err(invalid)?;
         &inflated[..]
     } else {
         raw
@@ -127,7 +129,7 @@ pub fn sniff(raw: &[u8]) -> Result<UserData, SettingsError> {
         return Ok(UserData::absent());
     }
     if mime::looks_like_mime(bytes) {
-        return from_mime(bytes);
+        return from_mime(bytes, &mut budget);
     }
     if first_line(bytes) == HEADER.as_bytes() {
         return Ok(one(Kind::Toml, Some(toml_layer(bytes)?), vec![]));
@@ -194,11 +196,11 @@ fn json_layer(bytes: &[u8]) -> Result<Option<Layer>, SettingsError> {
     Layer::from_document(w.settings, Source::UserData).map(Some)
 }
 
-fn from_mime(bytes: &[u8]) -> Result<UserData, SettingsError> {
+fn from_mime(bytes: &[u8], budget: &mut gzip::Budget) -> Result<UserData, SettingsError> {
     let mut settings = None;
     let mut scripts = vec![];
     let mut ignored = vec![];
-    for part in mime::parts(bytes).map_err(invalid)? {
+    for part in mime::parts(bytes, budget).map_err(invalid)? {
         match part {
             mime::Part::Settings { label, body } => {
                 if settings.is_some() {
@@ -289,6 +291,30 @@ mod tests {
     fn gzip_bomb_is_refused() {
         let e = sniff(&gz(&vec![b'#'; 4 << 20])).unwrap_err();
         assert!(e.reason.contains("inflates to more than"), "{e}");
+    }
+
+    /// 100 small gzipped parts must not inflate to 100 times the cap.
+    #[test]
+    fn the_inflate_cap_holds_across_mime_parts() {
+        use base64::Engine as _;
+        let part = base64::engine::general_purpose::STANDARD.encode(gz(&[
+            b"#!/bin/sh\n".as_slice(),
+            &vec![b'#'; 200 << 10],
+        ]
+        .concat()));
+        let mut ud = String::from("Content-Type: multipart/mixed; boundary=\"B\"\n\n");
+        for _ in 0..8 {
+            ud.push_str(&format!(
+                "--B\nContent-Type: text/x-shellscript\nContent-Transfer-Encoding: base64\n\n{part}\n"
+            ));
+        }
+        ud.push_str("--B--\n");
+        assert!(ud.len() < 16 << 10, "fits in EC2 user data: {}", ud.len());
+        let e = sniff(ud.as_bytes()).unwrap_err();
+        assert!(e.reason.contains("the whole user data"), "{e}");
+        // Four of them (~800 KiB) are within the cap.
+        let four = ud.replacen(&format!("--B\nContent-Type: text/x-shellscript\nContent-Transfer-Encoding: base64\n\n{part}\n"), "", 4);
+        assert_eq!(sniff(four.as_bytes()).unwrap().scripts.len(), 4);
     }
 
     #[test]
