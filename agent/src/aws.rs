@@ -44,11 +44,39 @@ pub enum SetupError {
     ImdsEndpoint { endpoint: String, reason: String },
 }
 
-pub async fn sdk_config(
-    region: &str,
-    imds_endpoint: &str,
-    backoff: Backoff,
-) -> Result<aws_config::SdkConfig, SetupError> {
+/// What differs between the programs that share this set-up.
+#[derive(Debug, Clone, Copy)]
+pub struct Options<'a> {
+    pub region: &'a str,
+    /// The agent's own IMDS endpoint, for the instance role's credentials
+    /// (the same place the agent reads user data from). `None`: the SDK's
+    /// default credential chain as it is (environment, profile, web
+    /// identity, SSO, the instance role), for tools run by operators or CI.
+    pub imds_endpoint: Option<&'a str>,
+    /// One attempt; a hung attempt must leave time for the next one.
+    pub attempt_timeout: Duration,
+    /// One operation, all attempts (the SDK's own retries are off).
+    pub operation_timeout: Duration,
+}
+
+impl<'a> Options<'a> {
+    /// The agent's: timeouts sized to a step's retry budget.
+    pub fn agent(region: &'a str, imds_endpoint: &'a str, backoff: Backoff) -> Self {
+        let attempt = (backoff.budget / 3).clamp(Duration::from_secs(1), Duration::from_secs(10));
+        Self {
+            region,
+            imds_endpoint: Some(imds_endpoint),
+            attempt_timeout: attempt,
+            operation_timeout: attempt,
+        }
+    }
+}
+
+/// The SDK configuration every client of the workspace is built from:
+/// rustls with ring and the system's CA certificates read once, explicit
+/// timeouts (the SDK has none for reading a reply), the SDK's retries off
+/// (each caller's one retry loop owns the budget).
+pub async fn sdk_config(o: &Options<'_>) -> Result<aws_config::SdkConfig, SetupError> {
     let trust = system_trust_store().map_err(SetupError::NoCaCertificates)?;
     let http = aws_smithy_http_client::Builder::new()
         .tls_provider(Provider::Rustls(CryptoMode::Ring))
@@ -59,31 +87,30 @@ pub async fn sdk_config(
                 .map_err(|e| SetupError::NoCaCertificates(e.to_string()))?,
         )
         .build_https();
-    let region = Region::new(region.to_owned());
-    // A hung attempt must leave budget for the next one.
-    let attempt = (backoff.budget / 3).clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let region = Region::new(o.region.to_owned());
     let timeouts = TimeoutConfig::builder()
-        .connect_timeout(Duration::from_secs(3).min(attempt))
-        .operation_attempt_timeout(attempt)
-        .operation_timeout(attempt)
+        .connect_timeout(Duration::from_secs(3).min(o.attempt_timeout))
+        .operation_attempt_timeout(o.attempt_timeout)
+        .operation_timeout(o.operation_timeout)
         .build();
     let provider = ProviderConfig::without_region()
         .with_http_client(http.clone())
         .with_region(Some(region.clone()));
-    let imds = aws_config::imds::Client::builder()
-        .configure(&provider)
-        .endpoint(imds_endpoint)
-        .map_err(|e| SetupError::ImdsEndpoint {
-            endpoint: imds_endpoint.to_owned(),
-            reason: e.to_string(),
-        })?
-        .build();
-    let credentials = DefaultCredentialsChain::builder()
-        .configure(provider)
-        .region(region.clone())
-        .imds_client(imds)
-        .build()
-        .await;
+    let mut chain = DefaultCredentialsChain::builder()
+        .configure(provider.clone())
+        .region(region.clone());
+    if let Some(endpoint) = o.imds_endpoint {
+        let imds = aws_config::imds::Client::builder()
+            .configure(&provider)
+            .endpoint(endpoint)
+            .map_err(|e| SetupError::ImdsEndpoint {
+                endpoint: endpoint.to_owned(),
+                reason: e.to_string(),
+            })?
+            .build();
+        chain = chain.imds_client(imds);
+    }
+    let credentials = chain.build().await;
     Ok(aws_config::defaults(BehaviorVersion::latest())
         .http_client(http)
         .region(region)

@@ -309,7 +309,9 @@ async fn role(imds: &Imds, region: &str, endpoint: &str, backoff: Backoff) -> Ch
         }
         Err(e) => return check("instance role", Status::Fail, e.to_string(), None),
     }
-    let sdk = match crate::aws::sdk_config(region, endpoint, backoff).await {
+    let sdk = match crate::aws::sdk_config(&crate::aws::Options::agent(region, endpoint, backoff))
+        .await
+    {
         Ok(sdk) => sdk,
         Err(e @ crate::aws::SetupError::NoCaCertificates(_)) => {
             return check(

@@ -234,6 +234,39 @@ pub async fn run(config: &Config, env: &Environment) -> Result<Report, Failure> 
     .await
 }
 
+/// One line on stdout per run, for the machine's console (the units send
+/// stdout to the journal and the console), like cloud-init's "finished
+/// at" line: what `nixos-ami-publish smoke-test` and an operator
+/// reading `aws ec2 get-console-output` look for. Stable format:
+/// `nixos-ami-agent: run finished at TIME: OUTCOME (exit CODE): MESSAGE`.
+/// The message is the run's own, with any SecureString target already
+/// shown as its placeholder, escaped and bounded.
+pub fn outcome_line(result: &Result<Report, Failure>) {
+    use std::io::Write as _;
+    let (outcome, code, message) = match result {
+        Ok(r) => (
+            match r.outcome {
+                Outcome::Applied => "applied",
+                Outcome::Unchanged | Outcome::NoTarget => "nothing to do",
+                Outcome::Running | Outcome::Failed => "failed",
+            },
+            crate::exit::OK,
+            r.message.clone(),
+        ),
+        Err(e) => ("failed", e.exit_code(), e.to_string()),
+    };
+    let line = format!(
+        "{OUTCOME_PREFIX} {}: {outcome} (exit {code}): {}\n",
+        crate::state::now(),
+        crate::text::shown(&message, 400)
+    );
+    // Best effort: a closed stdout must not fail the run.
+    let _ = std::io::stdout().lock().write_all(line.as_bytes());
+}
+
+/// The start of every outcome line; the smoke test matches on it.
+pub const OUTCOME_PREFIX: &str = "nixos-ami-agent: run finished at";
+
 /// The `failed` event and status, for every way a run can fail.
 pub fn report_failure(e: Failure) -> Failure {
     let code = e.exit_code();

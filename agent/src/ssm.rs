@@ -113,7 +113,7 @@ impl Ssm {
         imds_endpoint: &str,
         backoff: Backoff,
     ) -> Result<Self, SsmError> {
-        let sdk = aws::sdk_config(region, imds_endpoint, backoff)
+        let sdk = aws::sdk_config(&aws::Options::agent(region, imds_endpoint, backoff))
             .await
             .map_err(|e| match e {
                 SetupError::NoCaCertificates(detail) => SsmError::NoCaCertificates {

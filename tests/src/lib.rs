@@ -9,12 +9,16 @@
 //! - [`container`]: boot tests under systemd in `systemd-nspawn`;
 //! - [`dbus`]: a private bus with logind and systemd doubles for reboots;
 //! - [`harness`]: one temp dir per scenario with config, system links and
-//!   doubles, and a way to run the agent in it.
+//!   doubles, and a way to run the agent in it;
+//! - [`moto`] and [`aws_double`]: moto (EC2, EBS, SSM) with a double in
+//!   front for what moto lacks, for `nixos-ami-publish`.
 
+pub mod aws_double;
 pub mod container;
 pub mod dbus;
 pub mod harness;
 pub mod imds;
+pub mod moto;
 pub mod ssm;
 pub mod standin;
 pub mod sts;

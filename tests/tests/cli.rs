@@ -280,3 +280,39 @@ fn man_pages_and_completions_generate() {
         "packaging detail stays out of --help"
     );
 }
+
+/// One line per run on stdout, for the machine's console (the units send
+/// stdout there too): what the smoke test and an operator reading
+/// `aws ec2 get-console-output` look for. No secret in it.
+#[test]
+fn run_prints_one_outcome_line_on_stdout() {
+    use nixos_ami_agent_tests::harness::{REF, Scenario, toml_user_data};
+    let line = |out: &nixos_ami_agent_tests::harness::Output| -> String {
+        let lines: Vec<&str> = out.stdout.lines().collect();
+        assert_eq!(lines.len(), 1, "{out:?}");
+        assert!(
+            lines[0].starts_with("nixos-ami-agent: run finished at "),
+            "{out:?}"
+        );
+        lines[0].to_owned()
+    };
+    let s = Scenario::new();
+    s.user_data(toml_user_data(&format!("flake = \"{REF}\"")));
+    let first = line(&s.run(&["run"]));
+    assert!(
+        first.contains(": applied (exit 0): applied my-org/web/0.1#"),
+        "{first}"
+    );
+    let second = line(&s.run(&["run"]));
+    assert!(
+        second.contains(": nothing to do (exit 0): nothing to do"),
+        "{second}"
+    );
+    let bad = Scenario::new();
+    bad.user_data(toml_user_data("action = \"swtich\""));
+    let failed = line(&bad.run(&["run"]));
+    assert!(
+        failed.contains(": failed (exit 65): user data: key `action`"),
+        "{failed}"
+    );
+}

@@ -100,7 +100,10 @@ impl Cli {
                 let r = match config() {
                     Ok(c) => {
                         tokio::select! {
-                            r = crate::run::run(&c, &env) => r.map(|_| ()),
+                            r = crate::run::run(&c, &env) => {
+                                crate::run::outcome_line(&r);
+                                r.map(|_| ())
+                            }
                             () = wind_down_limit() => {
                                 // The run did not wind down after a stop:
                                 // nothing it started may outlive it.
@@ -110,7 +113,11 @@ impl Cli {
                             }
                         }
                     }
-                    Err(e) => Err(crate::run::report_failure(e)),
+                    Err(e) => {
+                        let r = Err(crate::run::report_failure(e));
+                        crate::run::outcome_line(&r);
+                        r.map(|_: crate::run::Report| ())
+                    }
                 };
                 return r.err().map_or(exit::OK, |e| e.exit_code());
             }
