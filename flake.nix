@@ -43,6 +43,8 @@
         { pkgs, ... }: rec {
           nixos-ami-agent = pkgs.callPackage ./agent/package.nix { };
           nixos-ami-agent-test-doubles = pkgs.callPackage ./tests/package.nix { inherit nixos-ami-agent; };
+          # For operators and CI: `nix run .#nixos-ami-publish -- upload ...`.
+          nixos-ami-publish = pkgs.callPackage ./image/publish/package.nix { inherit nixos-ami-agent; };
           default = nixos-ami-agent;
         }
       );
@@ -89,6 +91,7 @@
         }:
         {
           package = self.packages.${system}.nixos-ami-agent;
+          publish = self.packages.${system}.nixos-ami-publish;
           module-eval = import ./nixos-module/eval-check.nix { inherit pkgs self; };
         }
         // import ./vm-tests { inherit pkgs self; }

@@ -33,6 +33,8 @@ rustPlatform.buildRustPackage {
       ../agent/systemd
       ../tests/Cargo.toml
       ../tests/src
+      ../image/publish/Cargo.toml
+      ../image/publish/src
     ];
   };
   cargoLock.lockFile = ../Cargo.lock;

@@ -9,13 +9,17 @@
 //! of its errors ([`describe`]), which must never carry a reply's body (a
 //! SecureString's decrypted value would be in it) nor grow with it.
 
+use crate::imds::Imds;
 use crate::retry::Backoff;
 use crate::text;
 use aws_config::BehaviorVersion;
 use aws_config::default_provider::credentials::DefaultCredentialsChain;
+use aws_config::environment::credentials::EnvironmentVariableCredentialsProvider;
+use aws_config::meta::credentials::CredentialsProviderChain;
 use aws_config::provider_config::ProviderConfig;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
+use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_sdk_ssm::config::Region;
 use aws_sdk_ssm::error::{ProvideErrorMetadata, SdkError};
 use aws_smithy_http_client::tls::{Provider, TlsContext, TrustStore, rustls_provider::CryptoMode};
@@ -31,6 +35,7 @@ use base64::engine::general_purpose::STANDARD;
 use http_body_util::BodyExt as _;
 use rustls_pki_types::CertificateDer;
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,11 +53,13 @@ pub enum SetupError {
 #[derive(Debug, Clone, Copy)]
 pub struct Options<'a> {
     pub region: &'a str,
-    /// The agent's own IMDS endpoint, for the instance role's credentials
-    /// (the same place the agent reads user data from). `None`: the SDK's
-    /// default credential chain as it is (environment, profile, web
-    /// identity, SSO, the instance role), for tools run by operators or CI.
-    pub imds_endpoint: Option<&'a str>,
+    /// The agent's own IMDS endpoint and retry policy, for the instance
+    /// role's credentials, read by the agent's own IMDS client (see
+    /// [`crate::role`]); static credentials from the environment still
+    /// come first. `None`: the SDK's default credential chain as it is
+    /// (environment, profile, web identity, SSO, the instance role), for
+    /// tools run by operators or CI.
+    pub imds: Option<(&'a str, Backoff)>,
     /// One attempt; a hung attempt must leave time for the next one.
     pub attempt_timeout: Duration,
     /// One operation, all attempts (the SDK's own retries are off).
@@ -65,7 +72,7 @@ impl<'a> Options<'a> {
         let attempt = (backoff.budget / 3).clamp(Duration::from_secs(1), Duration::from_secs(10));
         Self {
             region,
-            imds_endpoint: Some(imds_endpoint),
+            imds: Some((imds_endpoint, Backoff::imds(backoff.budget))),
             attempt_timeout: attempt,
             operation_timeout: attempt,
         }
@@ -93,24 +100,30 @@ pub async fn sdk_config(o: &Options<'_>) -> Result<aws_config::SdkConfig, SetupE
         .operation_attempt_timeout(o.attempt_timeout)
         .operation_timeout(o.operation_timeout)
         .build();
-    let provider = ProviderConfig::without_region()
-        .with_http_client(http.clone())
-        .with_region(Some(region.clone()));
-    let mut chain = DefaultCredentialsChain::builder()
-        .configure(provider.clone())
-        .region(region.clone());
-    if let Some(endpoint) = o.imds_endpoint {
-        let imds = aws_config::imds::Client::builder()
-            .configure(&provider)
-            .endpoint(endpoint)
-            .map_err(|e| SetupError::ImdsEndpoint {
-                endpoint: endpoint.to_owned(),
-                reason: e.to_string(),
-            })?
-            .build();
-        chain = chain.imds_client(imds);
-    }
-    let credentials = chain.build().await;
+    let credentials = match o.imds {
+        Some((endpoint, backoff)) => SharedCredentialsProvider::new(
+            CredentialsProviderChain::first_try(
+                "Environment",
+                EnvironmentVariableCredentialsProvider::new(),
+            )
+            .or_else(
+                "InstanceRole",
+                crate::role::RoleCredentials::new(Arc::new(Imds::new(endpoint, backoff))),
+            ),
+        ),
+        None => {
+            let provider = ProviderConfig::without_region()
+                .with_http_client(http.clone())
+                .with_region(Some(region.clone()));
+            SharedCredentialsProvider::new(
+                DefaultCredentialsChain::builder()
+                    .configure(provider)
+                    .region(region.clone())
+                    .build()
+                    .await,
+            )
+        }
+    };
     Ok(aws_config::defaults(BehaviorVersion::latest())
         .http_client(http)
         .region(region)

@@ -269,6 +269,18 @@ fn nix_for_fh(agent: &crate::config::Agent) -> Check {
 
 fn state_dir(dir: &Path) -> Check {
     use nix::unistd::{AccessFlags, access};
+    // What `run` refuses, doctor fails: it follows no link.
+    if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        return check(
+            "state directory",
+            Status::Fail,
+            format!(
+                "{} is a symbolic link; the agent refuses to follow it",
+                dir.display()
+            ),
+            Some("remove the link: the agent creates the directory itself (0700)"),
+        );
+    }
     let existing = dir
         .ancestors()
         .find(|p| p.exists())

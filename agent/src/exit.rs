@@ -61,6 +61,10 @@ pub enum Failure {
     Reboot(String),
     #[error("{0}")]
     Usage(String),
+    /// Stopped by a signal where no step was running to say so itself
+    /// (between steps, in a script, waiting for the lock or a reboot).
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl Failure {
@@ -78,7 +82,8 @@ impl Failure {
                 | StepError::TimedOut { .. }
                 | StepError::Interrupted { .. },
             )
-            | Failure::State(StateError::Locked { .. }) => TEMPFAIL,
+            | Failure::State(StateError::Locked { .. } | StateError::Interrupted { .. })
+            | Failure::Interrupted(_) => TEMPFAIL,
             Failure::Imds(_) | Failure::Ssm(_) | Failure::Step(StepError::Missing { .. }) => {
                 UNAVAILABLE
             }
@@ -197,6 +202,7 @@ mod tests {
             (Failure::NotSwitched("x".into()), 1),
             (Failure::Scripts("x".into()), 1),
             (Failure::Reboot("x".into()), 1),
+            (Failure::Interrupted("x".into()), 75),
         ];
         for (f, code) in cases {
             assert_eq!(f.exit_code(), code, "{f}");

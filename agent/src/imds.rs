@@ -161,9 +161,12 @@ impl Imds {
             reason: "reply is not UTF-8".into(),
         })?;
         let text = text.trim();
+        // Instance ids and regions: letters, digits, `-`, `.`, `_` only.
         if text.is_empty()
             || text.len() > 256
-            || text.chars().any(|c| c.is_whitespace() || c.is_control())
+            || !text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
         {
             return Err(ImdsError::Rejected {
                 what: what.into(),

@@ -24,6 +24,7 @@ pub mod process;
 pub mod reboot;
 pub mod redact;
 pub mod retry;
+pub mod role;
 pub mod run;
 pub mod safe_dir;
 pub mod ssm;

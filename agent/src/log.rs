@@ -7,11 +7,16 @@
 //! stable `MESSAGE_ID`, so `journalctl -u nixos-ami-agent MESSAGE_ID=...`
 //! finds every apply, every no-op and every failure.
 //!
-//! Transport crates are capped at `warn` whatever the filter says: at trace
-//! level they print request and response bodies, which would carry IMDS
-//! tokens and SecureString values.
+//! Transport crates are capped at `warn` whatever the filter says, also a
+//! more specific directive (`aws_smithy_runtime::client::orchestrator=trace`):
+//! the cap is a filter of its own on every layer, not a directive the
+//! environment can outbid. At trace level they print request and response
+//! bodies, which would carry IMDS tokens and SecureString values; and
+//! `LOG_SENSITIVE_BODIES`, which makes the SDK print them unredacted, is
+//! removed from the environment before anything reads it.
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -35,7 +40,10 @@ const CAPPED: &[&str] = &[
     "aws_smithy_http_client",
     "aws_sigv4",
     "aws_config",
+    "aws_credential_types",
+    "aws_runtime",
     "aws_sdk_ssm",
+    "aws_sdk_sts",
     "hyper",
     "hyper_util",
     "reqwest",
@@ -53,14 +61,27 @@ pub enum Target {
 }
 
 fn filter() -> EnvFilter {
-    let mut filter = EnvFilter::try_from_env(FILTER_ENV).unwrap_or_else(|_| EnvFilter::new("info"));
-    for target in CAPPED {
-        filter = filter.add_directive(format!("{target}=warn").parse().expect("valid directive"));
-    }
-    filter
+    EnvFilter::try_from_env(FILTER_ENV).unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+/// Whether an event may pass the cap: anything at warn or above, and
+/// anything not from a transport crate.
+fn within_cap(meta: &tracing::Metadata<'_>) -> bool {
+    *meta.level() <= tracing::Level::WARN
+        || !CAPPED.iter().any(|c| {
+            meta.target() == *c
+                || meta
+                    .target()
+                    .strip_prefix(c)
+                    .is_some_and(|rest| rest.starts_with("::"))
+        })
 }
 
 pub fn init(target: Target) {
+    // SAFETY: called first thing in main, before the runtime starts any
+    // thread: nothing reads the environment concurrently.
+    unsafe { std::env::remove_var("LOG_SENSITIVE_BODIES") };
+    let cap = tracing_subscriber::filter::filter_fn(within_cap);
     let journald = match target {
         Target::Stderr => false,
         Target::Journald => true,
@@ -74,7 +95,7 @@ pub fn init(target: Target) {
                     .with_syslog_identifier(SYSLOG_IDENTIFIER.to_owned());
                 tracing_subscriber::registry()
                     .with(filter())
-                    .with(layer)
+                    .with(layer.with_filter(cap))
                     .init();
                 return;
             }
@@ -84,11 +105,15 @@ pub fn init(target: Target) {
         }
     }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter())
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(ansi)
+    tracing_subscriber::registry()
+        .with(filter())
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false)
+                .with_ansi(ansi)
+                .with_filter(cap),
+        )
         .init();
 }
 
@@ -119,6 +144,45 @@ mod tests {
             "{}:{}",
             st.st_dev, st.st_ino
         ))));
+    }
+
+    #[test]
+    fn the_cap_holds_for_more_specific_targets() {
+        use tracing::Level;
+        use tracing::callsite::Identifier;
+        use tracing::field::FieldSet;
+        use tracing::metadata::Kind;
+        struct Cs;
+        impl tracing::Callsite for Cs {
+            fn set_interest(&self, _: tracing::subscriber::Interest) {}
+            fn metadata(&self) -> &tracing::Metadata<'_> {
+                unreachable!()
+            }
+        }
+        static CS: Cs = Cs;
+        let meta = |target: &'static str, level: Level| {
+            tracing::Metadata::new(
+                "e",
+                target,
+                level,
+                None,
+                None,
+                None,
+                FieldSet::new(&[], Identifier(&CS)),
+                Kind::EVENT,
+            )
+        };
+        assert!(!within_cap(&meta("aws_smithy_runtime", Level::DEBUG)));
+        assert!(!within_cap(&meta(
+            "aws_smithy_runtime::client::orchestrator",
+            Level::TRACE
+        )));
+        assert!(within_cap(&meta("aws_smithy_runtime::client", Level::WARN)));
+        assert!(
+            within_cap(&meta("aws_smithy_runtime_api_x", Level::DEBUG)),
+            "another crate"
+        );
+        assert!(within_cap(&meta("nixos_ami_agent::run", Level::TRACE)));
     }
 
     #[test]

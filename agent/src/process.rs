@@ -8,7 +8,7 @@
 
 use crate::redact::Redactor;
 use crate::stop::{self, Interrupted};
-use crate::text::escape_controls;
+use crate::text::{bounded, escape_controls};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::ffi::OsString;
@@ -23,6 +23,10 @@ use tokio::time::{Instant, sleep_until, timeout};
 /// Longer lines are cut: a program printing megabytes without a newline
 /// must not grow the agent without bound.
 const MAX_LINE: usize = 16 * 1024;
+/// Kept beyond [`MAX_LINE`] until the line is redacted, then cut: a secret
+/// (an SSM value is at most 8 KiB) straddling the cut is masked whole, not
+/// shown up to the cut.
+const REDACT_SLACK: usize = 8 * 1024;
 const MAX_CAPTURE: usize = 1 << 20;
 /// Between SIGTERM and SIGKILL, for a program to clean up.
 const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -245,7 +249,7 @@ pub async fn run(p: &Program<'_>, redactor: &Redactor) -> Result<Output, Process
             // Logged with control characters escaped: a program's output
             // must not forge log lines (CR, newlines inside a line) or
             // drive the terminal (ESC) of whoever reads the log.
-            let shown = escape_controls(&line);
+            let shown = escape_controls(&bounded(&line, MAX_LINE)).into_owned();
             if capture {
                 if buf.len() + line.len() < MAX_CAPTURE {
                     buf.extend_from_slice(line.as_bytes());
@@ -263,7 +267,7 @@ pub async fn run(p: &Program<'_>, redactor: &Redactor) -> Result<Output, Process
             step,
             stream = "stderr",
             "{}",
-            escape_controls(&redactor.apply(&line))
+            escape_controls(&bounded(&redactor.apply(&line), MAX_LINE))
         );
     });
     let mut pumps = std::pin::pin!(async { tokio::join!(out, err) });
@@ -315,7 +319,7 @@ async fn kill_group(pid: Option<Pid>, child: &mut tokio::process::Child, signal:
     }
 }
 
-/// Reads lines (cut at [`MAX_LINE`]) and hands each to `on_line` along
+/// Reads lines (cut at [`MAX_LINE`] + [`REDACT_SLACK`]) and hands each to `on_line` along
 /// with a buffer the caller may fill; returns that buffer at EOF.
 async fn pump<R: AsyncRead + Unpin>(r: R, mut on_line: impl FnMut(&[u8], &mut Vec<u8>)) -> Vec<u8> {
     let mut reader = BufReader::new(r);
@@ -330,7 +334,7 @@ async fn pump<R: AsyncRead + Unpin>(r: R, mut on_line: impl FnMut(&[u8], &mut Ve
             Some(i) => (i, Some(i + 1)),
             None => (chunk.len(), None),
         };
-        let room = MAX_LINE.saturating_sub(line.len());
+        let room = (MAX_LINE + REDACT_SLACK).saturating_sub(line.len());
         line.extend_from_slice(&chunk[..take.min(room)]);
         truncated |= take > room;
         let consumed = end.unwrap_or(chunk.len());
@@ -488,14 +492,18 @@ mod tests {
         let (mut w, r) = tokio::io::duplex(1 << 20);
         tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
-            w.write_all(&vec![b'a'; MAX_LINE * 3]).await.unwrap();
+            w.write_all(&vec![b'a'; (MAX_LINE + REDACT_SLACK) * 3])
+                .await
+                .unwrap();
             w.write_all(b"\nshort\npartial").await.unwrap();
         });
         let lines = std::sync::Mutex::new(vec![]);
         pump(r, |l, _| lines.lock().unwrap().push(l.to_vec())).await;
         let lines = lines.into_inner().unwrap();
         assert_eq!(lines.len(), 3);
-        assert!(lines[0].ends_with(b" [line cut]") && lines[0].len() < MAX_LINE + 20);
+        assert!(
+            lines[0].ends_with(b" [line cut]") && lines[0].len() < MAX_LINE + REDACT_SLACK + 20
+        );
         assert_eq!(lines[1], b"short");
         assert_eq!(lines[2], b"partial");
     }

@@ -355,19 +355,27 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
         Some(_) => Ok(0),
         None => run_scripts(&ctx, &mut state, &ud).await,
     };
-    let (converged, script_failures) = match scripts {
+    let (mut converged, script_failures) = match scripts {
         Ok(n) => (converged, n),
         // The scripts could not run at all (their directory is unusable):
         // recorded like any other failure; an apply is already on record.
         Err(e) => (converged.and(Err(e)), 0),
     };
+    // Stopped after the target's steps (before or during the scripts):
+    // the run did not finish, whatever the steps before said.
+    if let (Some(signal), Ok(_)) = (crate::stop::requested(), &converged) {
+        converged = Err(Failure::Interrupted(format!(
+            "interrupted by {} before the run finished",
+            signal.as_str()
+        )));
+    }
     let mut report = finish(&store, &mut state, record, converged, script_failures)?;
     if crate::stop::requested().is_some() {
         // Asked to stop after the work was done: recorded as it went, but
         // no reboot now; the next run asks for it if it is still needed.
         return Ok(report);
     }
-    if let Some(by) = reboot_if_needed(&store, &mut state).await? {
+    if let Some(by) = reboot_if_needed(&store, &mut state, agent.reboot_timeout).await? {
         report
             .message
             .push_str(&format!("; reboot requested from {by}"));
@@ -381,6 +389,7 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
 async fn reboot_if_needed(
     store: &Store,
     state: &mut State,
+    timeout: std::time::Duration,
 ) -> Result<Option<&'static str>, Failure> {
     let Some(reason) = state
         .last_run
@@ -395,15 +404,34 @@ async fn reboot_if_needed(
     store.save(state)?;
     notify::ready(&format!("rebooting: {reason}"));
     tracing::info!("requesting a reboot: {reason}");
-    match reboot::request().await {
-        Ok(by) => {
+    // Bounded, and ended by a stop: a bus or logind that never answers
+    // must not hold the run and its lock. Not answered means not asked:
+    // the record is taken back so the next run asks again.
+    let asked = crate::stop::or_stop(tokio::time::timeout(timeout, reboot::request())).await;
+    match asked {
+        Ok(Ok(Ok(by))) => {
             tracing::info!("reboot requested from {by}");
             Ok(Some(by))
         }
-        Err(e) => {
+        failed => {
+            let why = match failed {
+                Ok(Ok(Err(e))) => e,
+                Ok(Err(_)) => format!(
+                    "no answer over D-Bus within {}s (reboot-timeout)",
+                    timeout.as_secs()
+                ),
+                Err(i) => {
+                    mark_reboot_requested(state, false);
+                    store.save(state)?;
+                    return Err(Failure::Interrupted(format!(
+                        "reboot: {i} before logind answered; the next run asks again"
+                    )));
+                }
+                Ok(Ok(Ok(_))) => unreachable!("handled above"),
+            };
             mark_reboot_requested(state, false);
             store.save(state)?;
-            Err(Failure::Reboot(e))
+            Err(Failure::Reboot(why))
         }
     }
 }
@@ -648,10 +676,21 @@ async fn run_scripts(
             &config.agent.current_system,
         )
         .await;
+        let stopped = crate::stop::requested().is_some();
         if r.success {
             tracing::info!(
                 step = script::STEP,
                 "user-data script {} finished: {}",
+                s.label,
+                r.result
+            );
+        } else if stopped {
+            // Stopped with the run, not failed: recorded (it does not run
+            // again, as after a crash: it may have done half its work),
+            // and the run ends as interrupted.
+            tracing::warn!(
+                step = script::STEP,
+                "user-data script {} was stopped: {}",
                 s.label,
                 r.result
             );

@@ -41,6 +41,10 @@ pub enum ReadError {
     NotRegular(&'static str),
     #[error("is larger than {} KiB", .0 / 1024)]
     TooLarge(usize),
+    /// Left by another user (a directory taken over from them): its
+    /// content is not trusted.
+    #[error("is owned by uid {0}, not by the agent's user")]
+    Foreign(u32),
     #[error("cannot be read: {0}")]
     Io(String),
 }
@@ -206,6 +210,9 @@ impl SafeDir {
         if !is(&st, SFlag::S_IFREG) {
             return Err(ReadError::NotRegular(kind(&st)));
         }
+        if st.st_uid != nix::unistd::geteuid().as_raw() {
+            return Err(ReadError::Foreign(st.st_uid));
+        }
         if st.st_size as u64 > max as u64 {
             return Err(ReadError::TooLarge(max));
         }
@@ -257,8 +264,22 @@ impl SafeDir {
     }
 
     /// Opens (creating 0600) a lock file; refuses anything that is not a
-    /// regular file, which a lock wait could hang on.
+    /// regular file, which a lock wait could hang on. One left by another
+    /// user (who may hold a lock on it forever) is replaced by a new file.
     pub fn lock_file(&self, name: &str) -> Result<File, ReadError> {
+        if let Ok(st) =
+            nix::sys::stat::fstatat(&self.fd, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+            && is(&st, SFlag::S_IFREG)
+            && st.st_uid != nix::unistd::geteuid().as_raw()
+        {
+            tracing::warn!(
+                "{}: the lock file was left by uid {}; replacing it",
+                self.path.display(),
+                st.st_uid
+            );
+            self.remove(name)
+                .map_err(|e| ReadError::Io(e.to_string()))?;
+        }
         let f = self
             .open_at(
                 name,

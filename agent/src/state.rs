@@ -7,7 +7,7 @@
 //! reads.
 
 use crate::plan::RebootAssessment;
-use crate::safe_dir::{SafeDir, SafeDirError};
+use crate::safe_dir::{ReadError, SafeDir, SafeDirError};
 use crate::settings::{Action, RebootPolicy};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File};
@@ -160,6 +160,8 @@ pub enum StateError {
     Io { path: PathBuf, reason: String },
     #[error("another run is in progress (the lock {} is held); gave up after {}s", path.display(), waited.as_secs())]
     Locked { path: PathBuf, waited: Duration },
+    #[error("{reason} ({})", path.display())]
+    Interrupted { path: PathBuf, reason: String },
 }
 
 fn io(path: &Path, what: &str, e: std::io::Error) -> StateError {
@@ -268,7 +270,14 @@ impl Store {
                 );
                 told = true;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Err(i) =
+                crate::stop::or_stop(tokio::time::sleep(Duration::from_millis(100))).await
+            {
+                return Err(StateError::Interrupted {
+                    path,
+                    reason: format!("{i} while waiting for the lock"),
+                });
+            }
         }
     }
 
@@ -307,6 +316,16 @@ impl Store {
         let bytes = match self.safe().read(FILE, MAX_STATE) {
             Ok(Some(b)) => b,
             Ok(None) => return Ok((State::fresh(instance_id), Previous::None)),
+            // An I/O error may heal (EIO, ENOMEM): setting the file aside
+            // would forget which scripts ran. What is wrong with the file
+            // itself (a link, a FIFO, too large, another user's) is set
+            // aside.
+            Err(ReadError::Io(e)) => {
+                return Err(StateError::Io {
+                    path: self.path(),
+                    reason: format!("cannot be read: {e}"),
+                });
+            }
             Err(e) => return self.set_aside(instance_id, e.to_string()),
         };
         match parse(&bytes) {

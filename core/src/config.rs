@@ -29,6 +29,7 @@ struct AgentTable {
     apply_timeout: Option<String>,
     script_timeout: Option<String>,
     lock_wait: Option<String>,
+    reboot_timeout: Option<String>,
 }
 
 /// What only the image decides.
@@ -51,6 +52,9 @@ pub struct Agent {
     pub script_timeout: Duration,
     /// How long a second run waits for the first to finish.
     pub lock_wait: Duration,
+    /// The reboot request over D-Bus (connect and call): a bus or logind
+    /// that never answers must not hold the run, and its lock, forever.
+    pub reboot_timeout: Duration,
 }
 
 impl Default for Agent {
@@ -68,6 +72,7 @@ impl Default for Agent {
             apply_timeout: Duration::from_secs(3600),
             script_timeout: Duration::from_secs(3600),
             lock_wait: Duration::from_secs(30),
+            reboot_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -292,6 +297,7 @@ fn agent(t: AgentTable, source: &Source) -> Result<Agent, SettingsError> {
         apply_timeout: duration("apply-timeout", t.apply_timeout, d.apply_timeout)?,
         script_timeout: duration("script-timeout", t.script_timeout, d.script_timeout)?,
         lock_wait: duration("lock-wait", t.lock_wait, d.lock_wait)?,
+        reboot_timeout: duration("reboot-timeout", t.reboot_timeout, d.reboot_timeout)?,
     };
     if let Some(e) = &agent.imds_endpoint {
         check_endpoint(e).map_err(|why| err("imds-endpoint", why))?;

@@ -9,10 +9,20 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
-/// Right-to-left and isolate overrides: not control characters to Rust,
-/// but they reorder what a terminal or an editor shows.
+/// Not control characters to Rust, but they reorder, hide or break what a
+/// terminal, an editor or a log viewer shows: bidirectional marks and
+/// overrides, zero-width and other format characters (Unicode category
+/// Cf), line and paragraph separators (Zl, Zp).
 fn is_bidi_override(c: char) -> bool {
-    matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    matches!(c,
+        '\u{00ad}' | '\u{061c}' | '\u{180e}'
+        | '\u{200b}'..='\u{200f}'
+        | '\u{2028}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{206f}'
+        | '\u{feff}'
+        | '\u{fff9}'..='\u{fffb}'
+        | '\u{e0001}' | '\u{e0020}'..='\u{e007f}')
 }
 
 fn needs_escape(c: char) -> bool {
@@ -70,6 +80,10 @@ mod tests {
             "a\\nfailed: forged\\r\\u{1b}[2Kb\\u{7f}\\u{85}"
         );
         assert_eq!(escape_controls("x\u{202e}y"), "x\\u{202e}y");
+        assert_eq!(
+            escape_controls("a\u{200b}b\u{2028}c\u{feff}d\u{e0041}"),
+            "a\\u{200b}b\\u{2028}c\\u{feff}d\\u{e0041}"
+        );
         assert_eq!(escape_controls("naïve ✓"), "naïve ✓");
     }
 

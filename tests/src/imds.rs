@@ -57,6 +57,8 @@ pub struct Imds {
     /// Answer unauthenticated (IMDSv1) GETs, as with HttpTokens=optional.
     pub allow_v1: bool,
     pub token_faults: VecDeque<Fault>,
+    /// A path answered with an endless 200 (1 MiB chunks), to a valid token.
+    pub endless_paths: Vec<String>,
     pub get_faults: VecDeque<Fault>,
     /// Revoke all tokens once this many GETs were answered (a "401
     /// mid-run").
@@ -77,6 +79,7 @@ impl Default for Imds {
             token_forbidden: false,
             allow_v1: false,
             token_faults: VecDeque::new(),
+            endless_paths: vec![],
             get_faults: VecDeque::new(),
             revoke_after_gets: None,
             requests: vec![],
@@ -299,6 +302,15 @@ fn answer(
         return reply(401, "");
     }
     s.gets += 1;
+    if s.endless_paths.iter().any(|p| p == path) {
+        let chunk = Bytes::from(vec![b'{'; 1 << 20]);
+        let stream =
+            futures_util::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+        return Response::builder()
+            .status(200)
+            .body(Body::from_stream(stream))
+            .unwrap();
+    }
     if s.revoke_after_gets == Some(s.gets) {
         s.tokens.clear();
     }

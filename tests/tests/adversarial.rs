@@ -681,3 +681,280 @@ fn a_secure_targets_flake_part_in_fhs_urls_is_masked() {
         "{out:?}"
     );
 }
+
+// The instance role's credentials are read with the agent's own bounded
+// IMDS client: an endless reply costs neither memory nor a log line.
+#[test]
+fn an_endless_credentials_reply_is_cut_off() {
+    let mut s = scenario(&format!("ssm-parameter = \"{PARAM}\""));
+    s.ssm
+        .with(|x| x.params.insert(PARAM.into(), Param::string(REF, 1)));
+    s.imds.with(|i| {
+        i.role = Some("web-role".into());
+        i.endless_paths
+            .push("/latest/meta-data/iam/security-credentials/web-role".into());
+    });
+    s.use_instance_role();
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 75, "{out:?}");
+    assert!(out.stderr.contains("larger than 1024 KiB"), "{out:?}");
+    assert!(
+        out.stderr.len() < 256 << 10,
+        "stderr is {} bytes",
+        out.stderr.len()
+    );
+    // SAFETY: getrusage only fills the struct.
+    let maxrss_kib = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut u);
+        u.ru_maxrss
+    };
+    assert!(maxrss_kib < 200 << 10, "a child used {maxrss_kib} KiB");
+    assert!(s.calls().is_empty());
+}
+
+// The transport crates' cap holds against a more specific filter, and the
+// SDK's switch for logging bodies unredacted is taken away.
+#[test]
+fn no_filter_directive_outbids_the_transport_cap() {
+    let mut s = scenario(&format!("ssm-parameter = \"{PARAM}\""));
+    s.ssm
+        .with(|x| x.params.insert(PARAM.into(), Param::secure(SECRET, 1)));
+    s.behaviour
+        .store_paths
+        .insert(SECRET.into(), s.store_path("new-system"));
+    s.imds.with(|i| i.role = Some("web-role".into()));
+    s.use_instance_role();
+    s.env.push((
+        "NIXOS_AMI_AGENT_LOG".into(),
+        "trace,aws_smithy_runtime::client::orchestrator=trace,aws_smithy_http_client=trace,reqwest=trace,hyper_util=trace".into(),
+    ));
+    s.env.push(("LOG_SENSITIVE_BODIES".into(), "true".into()));
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let everything = all_output(&s, &out);
+    for secret in [
+        "secret-org",
+        imds::TOKEN_PREFIX,
+        imds::ROLE_SECRET_KEY,
+        "imds-double-session-token",
+    ] {
+        assert!(
+            !everything.contains(secret),
+            "{secret} leaked:\n{everything}"
+        );
+    }
+}
+
+// A state directory taken over from another user: what they left in it is
+// not trusted (a lock they hold, a forged state).
+#[test]
+fn what_another_user_left_in_the_state_directory_is_not_trusted() {
+    if !is_root() {
+        eprintln!("SKIPPED: only root can make files another user's");
+        return;
+    }
+    let s = Scenario::new();
+    s.user_data(mime_with_script(
+        &format!("flake = \"{REF}\""),
+        &format!("#!/bin/sh\ntouch {}", s.path("script-ran").display()),
+    ));
+    let dir = s.path("state");
+    std::fs::create_dir(&dir).unwrap();
+    // Their lock, held; their state, claiming the script ran.
+    let lock = std::fs::File::create(dir.join("lock")).unwrap();
+    lock.try_lock().unwrap();
+    std::fs::write(
+        dir.join("state.json"),
+        serde_json::json!({"format": 1, "instance-id": "i-0123456789abcdef0",
+            "scripts": [{"label": "part 2", "size": 1, "sha256": "x", "started": "2026-01-01T00:00:00Z", "result": "exit status 0", "success": true}]})
+        .to_string(),
+    )
+    .unwrap();
+    for p in [&dir, &dir.join("lock"), &dir.join("state.json")] {
+        std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+    }
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("replacing it"), "{out:?}");
+    assert!(
+        s.path("script-ran").exists(),
+        "the forged record was not believed: {out:?}"
+    );
+    drop(lock);
+}
+
+// A bus (or logind) that never answers the reboot request: bounded, the
+// request taken back, and the next run asks again.
+#[test]
+fn a_reboot_request_nobody_answers_is_bounded_and_asked_again() {
+    let mut s = scenario(&format!("flake = \"{REF_NEW_KERNEL}\""));
+    s.set_agent("reboot-timeout", "\"1s\"");
+    let sock = s.path("silent-bus");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        let mut held = vec![];
+        for c in listener.incoming().flatten() {
+            held.push(c); // accepted, never answered
+        }
+    });
+    s.env.push((
+        "DBUS_SYSTEM_BUS_ADDRESS".into(),
+        format!("unix:path={}", sock.display()),
+    ));
+    let start = Instant::now();
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        out.stderr.contains("no answer over D-Bus within 1s"),
+        "{out:?}"
+    );
+    assert_eq!(s.state()["last-run"]["reboot"]["requested"], false);
+    // The next run, with a bus that answers, asks for it.
+    s.env.retain(|(k, _)| k != "DBUS_SYSTEM_BUS_ADDRESS");
+    s.with_bus(true, true);
+    let next = s.run(&["run"]);
+    assert_eq!(next.code, 0, "{next:?}");
+    assert_eq!(s.reboot_requests(), ["login1.Reboot(false)"]);
+}
+
+// A stop during a user-data script: the run is interrupted (75), not a
+// script failure (1); the script is recorded and not run again.
+#[test]
+fn a_stop_during_a_script_is_an_interruption() {
+    let s = Scenario::new();
+    let marker = s.path("script-started");
+    s.user_data(mime_with_script(
+        &format!("flake = \"{REF}\""),
+        &format!("#!/bin/sh\ntouch {}\nsleep 30", marker.display()),
+    ));
+    let child = s.spawn(&["run"]);
+    let start = Instant::now();
+    while !marker.exists() {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: a signal to the agent we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = finish(child, Duration::from_secs(30));
+    assert_eq!(out.code, 75, "{out:?}");
+    assert!(out.stderr.contains("was stopped"), "{out:?}");
+    let script = &s.state()["scripts"][0];
+    assert!(
+        script["result"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted by SIGTERM"),
+        "{script}"
+    );
+    let next = s.run(&["run"]);
+    assert_eq!(next.code, 0, "{next:?}");
+    assert!(next.stderr.contains("not running it again"), "{next:?}");
+}
+
+// A stop while waiting for another run's lock ends at once.
+#[test]
+fn a_stop_while_waiting_for_the_lock_ends_at_once() {
+    let mut s = scenario(&format!("flake = \"{REF}\""));
+    s.set_agent("lock-wait", "\"1h\"");
+    std::fs::create_dir(s.path("state")).unwrap();
+    let lock = std::fs::File::create(s.path("state/lock")).unwrap();
+    lock.try_lock().unwrap();
+    let child = s.spawn(&["run"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    // SAFETY: a signal to the agent we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = finish(child, Duration::from_secs(30));
+    assert_eq!(out.code, 75, "{out:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        out.stderr
+            .contains("interrupted by SIGTERM while waiting for the lock"),
+        "{out:?}"
+    );
+    drop(lock);
+}
+
+// A secret straddling the place where a long line is cut is still masked.
+#[test]
+fn a_secret_across_the_line_cut_is_masked() {
+    let mut s = scenario(&format!("ssm-parameter = \"{PARAM}\""));
+    s.ssm
+        .with(|x| x.params.insert(PARAM.into(), Param::secure(SECRET, 1)));
+    s.behaviour
+        .store_paths
+        .insert(SECRET.into(), s.store_path("new-system"));
+    for pad in [16 * 1024 - 20, 16 * 1024 - 5, 16 * 1024] {
+        s.behaviour.apply_stderr = Some(format!("{} building {SECRET}\n", "x".repeat(pad)));
+        let out = s.run(&["run"]);
+        assert!(
+            !out.stderr.contains("secret-org"),
+            "pad {pad}: a prefix leaked"
+        );
+        std::fs::remove_dir_all(s.path("state")).unwrap();
+        for link in ["run/current-system", "profiles/system"] {
+            std::fs::remove_file(s.path(link)).unwrap();
+            std::os::unix::fs::symlink(s.store_path("old-system"), s.path(link)).unwrap();
+        }
+    }
+}
+
+// Invisible and bidirectional characters from IMDS or fh reach no output.
+#[test]
+fn bidi_and_invisible_characters_from_outside_are_refused_or_escaped() {
+    let mut s = scenario(&format!("flake = \"{REF}\""));
+    s.behaviour
+        .store_paths
+        .insert(REF.into(), s.path("store/abc-\u{202e}desrever\u{200b}"));
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("characters no store path holds"),
+        "{out:?}"
+    );
+    let status = s.run(&["status"]);
+    for text in [&out.stdout, &out.stderr, &status.stdout] {
+        assert!(
+            !text.contains('\u{202e}') && !text.contains('\u{200b}'),
+            "{text}"
+        );
+    }
+    let s = scenario(&format!("flake = \"{REF}\""));
+    s.imds
+        .with(|i| i.instance_id = "i-0abc\u{202e}\u{2066}gnp.exe".into());
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 69, "{out:?}");
+    assert!(!out.stderr.contains('\u{202e}'), "{out:?}");
+}
+
+#[test]
+fn doctor_fails_a_state_directory_that_run_refuses() {
+    let mut s = scenario(&format!("flake = \"{REF}\""));
+    std::fs::create_dir(s.path("elsewhere")).unwrap();
+    std::os::unix::fs::symlink(s.path("elsewhere"), s.path("state")).unwrap();
+    s.env.push(("X".into(), "y".into()));
+    let out = s.run(&["doctor", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let c = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "state directory")
+        .unwrap()
+        .clone();
+    assert_eq!(c["status"], "fail", "{c}");
+    assert!(
+        c["detail"].as_str().unwrap().contains("symbolic link"),
+        "{c}"
+    );
+}

@@ -105,9 +105,8 @@ impl Cli {
                                 r.map(|_| ())
                             }
                             () = wind_down_limit() => {
-                                // The run did not wind down after a stop:
-                                // nothing it started may outlive it.
-                                crate::process::kill_all();
+                                // The run did not wind down after a stop;
+                                // what it ran was killed.
                                 tracing::error!("the run did not wind down within {}s of the stop; its programs were killed", WIND_DOWN.as_secs());
                                 return exit::TEMPFAIL;
                             }
@@ -148,10 +147,13 @@ impl Cli {
 /// program (5 s, then SIGKILL) and record the stop.
 const WIND_DOWN: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// Resolves `WIND_DOWN` after a stop request; never without one.
+/// Resolves `WIND_DOWN` after a stop request; never without one. Kills
+/// what the run still runs before it returns: once `select!` drops the
+/// run, its record of running programs is gone.
 async fn wind_down_limit() {
     crate::stop::wait().await;
     tokio::time::sleep(WIND_DOWN).await;
+    crate::process::kill_all();
 }
 
 fn load_config(explicit: Option<PathBuf>) -> Result<Config, Failure> {

@@ -52,8 +52,19 @@ fn parse(stdout: &[u8]) -> Result<PathBuf, String> {
     let r: Resolved = serde_json::from_slice(stdout)
         .map_err(|e| format!("fh resolve --json printed no usable JSON with a store_path ({e})"))?;
     let p = r.store_path.trim();
-    if !p.starts_with('/') || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if !p.starts_with('/') {
         return Err("fh resolve --json printed a store_path that is not an absolute path".into());
+    }
+    // What a Nix store path may hold (and nothing that could reorder or
+    // hide text in a log line).
+    if p.len() > 4096
+        || !p
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/+._?=-".contains(c))
+    {
+        return Err(
+            "fh resolve --json printed a store_path with characters no store path holds".into(),
+        );
     }
     Ok(PathBuf::from(p))
 }

@@ -29,7 +29,7 @@ impl Clients {
     pub async fn new(region: &str) -> Result<Self, SetupError> {
         let sdk = shared::sdk_config(&shared::Options {
             region,
-            imds_endpoint: None,
+            imds: None,
             // A 512 KiB block from a slow link; coldsnap's issue #437 is
             // what happens without bounds.
             attempt_timeout: Duration::from_secs(30),
