@@ -58,15 +58,18 @@ def resources(rtype):
             yield from entry[rtype].values()
 
 
-ami = next(b["aws_ami"]["detsys_nixos"] for b in blocks("data") if "aws_ami" in b)
-assert [unquote(o) for o in ami["owners"]] == ["535002876703"], ami["owners"]
-filters = {unquote(f["name"]): [unquote(v) for v in f["values"]] for f in ami["filter"]}
-assert filters["name"] == ["determinate/nixos/epoch-1/*"], filters
-assert filters["architecture"] == ["${var.architecture}"], filters
+# The AMI of your own publication, through the SSM parameter
+# nixos-ami-publish writes; never someone else's image without the agent.
+assert not any("aws_ami" in b for b in blocks("data")), "no aws_ami data source"
+image_id = next(l["image_id"] for l in blocks("locals") if "image_id" in l)
+assert image_id == "resolve:ssm:${var.ami_parameter}", image_id
+default = next(v["ami_parameter"]["default"] for v in blocks("variable") if "ami_parameter" in v)
+assert re.fullmatch(r"/.+/(x86_64|aarch64)-linux/latest", default), default
 
 templates = list(resources("aws_launch_template"))
 assert len(templates) == 2, templates
 for t in templates:
+    assert t["image_id"] == "${local.image_id}", t["image_id"]
     meta = t["metadata_options"][0]
     assert unquote(meta["http_tokens"]) == "required", meta
     assert "iam_instance_profile" in t

@@ -142,7 +142,10 @@ pkgs.testers.runNixOSTest (
               assert state["last-run"]["outcome"] == "applied", state
               assert state["instance-id"] == "i-0123456789abcdef0", state
 
-          with subtest("a later switch does not start another run"):
+          with subtest("the outcome line reaches the console (what smoke-test reads)"):
+            machine.wait_for_console_text("nixos-ami-agent: run finished at .*: applied \\(exit 0\\)")
+
+        with subtest("a later switch does not start another run"):
               machine.succeed("/run/current-system/bin/switch-to-configuration test")
               machine.sleep(3)
               assert machine.succeed("${common.runsStarted}").strip() == "1"

@@ -25,7 +25,7 @@ data "cloudinit_config" "fleet" {
 
 resource "aws_launch_template" "fleet_mime" {
   name_prefix   = "nixos-fleet-${var.fleet}-mime-"
-  image_id      = data.aws_ami.detsys_nixos.id
+  image_id      = local.image_id
   instance_type = var.instance_type
   user_data     = data.cloudinit_config.fleet.rendered
 

@@ -23,20 +23,12 @@ provider "aws" {
 
 data "aws_caller_identity" "current" {}
 
-# The AMI, exactly as the seed repository's README selects it.
-data "aws_ami" "detsys_nixos" {
-  most_recent = true
-  owners      = ["535002876703"]
-
-  filter {
-    name   = "name"
-    values = ["determinate/nixos/epoch-1/*"]
-  }
-
-  filter {
-    name   = "architecture"
-    values = [var.architecture]
-  }
+# The AMI comes from your own publication: `nixos-ami-publish upload
+# --ssm-parameter-prefix P` writes each region's AMI id to
+# P/<system>/latest. `resolve:ssm:` makes EC2 read it at every launch, so
+# new instances start from the newest image without a Terraform change.
+locals {
+  image_id = "resolve:ssm:${var.ami_parameter}"
 }
 
 # The fleet's target: a FlakeHub output reference.
@@ -92,7 +84,7 @@ locals {
 
 resource "aws_launch_template" "fleet" {
   name_prefix   = "nixos-fleet-${var.fleet}-"
-  image_id      = data.aws_ami.detsys_nixos.id
+  image_id      = local.image_id
   instance_type = var.instance_type
   user_data     = base64encode(local.user_data)
 

@@ -15,6 +15,7 @@ output "ssm_parameter" {
   value       = aws_ssm_parameter.target.name
 }
 
-output "ami_id" {
-  value = data.aws_ami.detsys_nixos.id
+output "ami_parameter" {
+  description = "The SSM parameter the launch templates take the AMI id from"
+  value       = var.ami_parameter
 }

@@ -3,14 +3,14 @@ variable "region" {
   default = "eu-west-1"
 }
 
-variable "architecture" {
-  description = "x86_64 or arm64 (the AMI's architecture; pick a matching instance_type)"
+variable "ami_parameter" {
+  description = "SSM parameter holding the AMI id: <--ssm-parameter-prefix>/<system>/latest of your `nixos-ami-publish upload` (pick an instance_type of that system's architecture)"
   type        = string
-  default     = "x86_64"
+  default     = "/nixos-amis/x86_64-linux/latest"
 
   validation {
-    condition     = contains(["x86_64", "arm64"], var.architecture)
-    error_message = "architecture must be x86_64 or arm64."
+    condition     = can(regex("^/.+/(x86_64|aarch64)-linux/[^/]+$", var.ami_parameter))
+    error_message = "ami_parameter must look like /PREFIX/x86_64-linux/latest (as nixos-ami-publish writes it)."
   }
 }
 
