@@ -420,6 +420,30 @@ pub fn host_bin() -> &'static str {
 }
 
 /// Waits for the agent, killing it (and failing the test) if it hangs.
+/// `nixos-ami-publish ARGS` with a clean environment: fake static
+/// credentials, every AWS endpoint at `endpoint` (loopback), IMDS off, no
+/// configuration files, `home` as HOME.
+pub fn publish_command(endpoint: &str, region: &str, home: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(workspace_bin("nixos-ami-publish"));
+    c.args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", home)
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("AWS_ACCESS_KEY_ID", "AKIDPUBLISHTEST00001")
+        .env("AWS_SECRET_ACCESS_KEY", "fake-secret")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_REGION", region)
+        .env("NIXOS_AMI_PUBLISH_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
 pub fn finish(mut child: Child, limit: Duration) -> Output {
     use std::io::Read;
     let mut out = child.stdout.take().unwrap();

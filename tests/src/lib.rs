@@ -11,11 +11,13 @@
 //! - [`harness`]: one temp dir per scenario with config, system links and
 //!   doubles, and a way to run the agent in it;
 //! - [`moto`] and [`aws_double`]: moto (EC2, EBS, SSM) with a double in
-//!   front for what moto lacks, for `nixos-ami-publish`.
+//!   front for what moto lacks, for `nixos-ami-publish`;
+//! - [`ebs`]: a fast EBS direct API double for the upload benchmark.
 
 pub mod aws_double;
 pub mod container;
 pub mod dbus;
+pub mod ebs;
 pub mod harness;
 pub mod imds;
 pub mod moto;

@@ -4,10 +4,10 @@
 //! moto's EBS API and compared with the image block by block.
 
 use nixos_ami_agent_tests::aws_double::{AwsDouble, Fault, FaultKind};
-use nixos_ami_agent_tests::harness::{Output, finish, workspace_bin};
+use nixos_ami_agent_tests::harness::{Output, finish, publish_command};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const REGION: &str = "eu-west-1";
@@ -110,24 +110,7 @@ impl Fixture {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(workspace_bin("nixos-ami-publish"));
-        c.args(args)
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .env("HOME", self.dir.path())
-            .env("NO_PROXY", "127.0.0.1,localhost")
-            .env("AWS_ACCESS_KEY_ID", "AKIDPUBLISHTEST00001")
-            .env("AWS_SECRET_ACCESS_KEY", "fake-secret")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_CONFIG_FILE", "/dev/null")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-            .env("AWS_ENDPOINT_URL", self.double.url())
-            .env("AWS_REGION", REGION)
-            .env("NIXOS_AMI_PUBLISH_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        c
+        publish_command(&self.double.url(), REGION, self.dir.path(), args)
     }
 
     fn run(&self, args: &[&str]) -> Output {

@@ -61,6 +61,12 @@ pub enum Command {
     Prune(PruneArgs),
     /// Launch one instance, wait for the agent's outcome line, terminate it.
     SmokeTest(SmokeArgs),
+    /// Upload one disk file to a new EBS snapshot, nothing else (what
+    /// `upload` does first). Hidden: the benchmark's entry point (it
+    /// measures the uploader alone, against a local EBS endpoint) and a
+    /// debugging aid; it is not idempotent, every run makes a snapshot.
+    #[command(hide = true)]
+    Snapshot(SnapshotArgs),
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -195,6 +201,24 @@ pub struct SmokeArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// A raw or VHD disk file.
+    #[arg(long, value_name = "PATH")]
+    pub disk: PathBuf,
+    #[arg(long, env = "AWS_REGION", value_parser = region)]
+    pub region: String,
+    /// Blocks in flight at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: u16,
+    /// Send zero blocks too (what upload-ami's EBS-direct mode does), for
+    /// comparison.
+    #[arg(long)]
+    pub all_blocks: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
 fn print_json<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
 }
@@ -205,6 +229,7 @@ impl Cli {
             Command::Upload(a) => a.run().await,
             Command::Prune(a) => a.run().await,
             Command::SmokeTest(a) => a.run().await,
+            Command::Snapshot(a) => a.run().await,
         }
     }
 }
@@ -343,6 +368,74 @@ impl SmokeArgs {
                     smoke::SmokeError::Timeout { .. } => FAILED,
                     smoke::SmokeError::Interrupted { .. } => INTERRUPTED,
                 }
+            }
+        }
+    }
+}
+
+impl SnapshotArgs {
+    async fn run(self) -> u8 {
+        let disk = match crate::disk::Disk::open(&self.disk) {
+            Ok(d) => std::sync::Arc::new(d),
+            Err(e) => {
+                tracing::error!("{e}");
+                return DATAERR;
+            }
+        };
+        let gib = match disk.volume_gib() {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!("{}: cannot be read: {e}", self.disk.display());
+                return DATAERR;
+            }
+        };
+        let clients = match crate::aws::Clients::new(&self.region).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("{e}");
+                return UNAVAILABLE;
+            }
+        };
+        let source = self.disk.display().to_string();
+        let request = crate::ebs::Request {
+            disk,
+            volume_gib: gib,
+            description: format!("{source} (nixos-ami-publish snapshot)"),
+            tags: vec![
+                (
+                    crate::naming::MANAGED_BY.0.to_owned(),
+                    crate::naming::MANAGED_BY.1.to_owned(),
+                ),
+                (crate::naming::SOURCE_TAG.to_owned(), source.clone()),
+            ],
+            client_token: crate::naming::token(&[&source, &format!("{:016x}", fastrand::u64(..))]),
+            workers: self.workers.into(),
+            all_blocks: self.all_blocks,
+        };
+        match crate::ebs::upload(&clients, &request).await {
+            Ok(up) => {
+                if self.json {
+                    print_json(&serde_json::json!({
+                        "snapshot_id": up.snapshot_id,
+                        "volume_gib": gib,
+                        "blocks": up.blocks,
+                        "blocks_sent": up.blocks_sent,
+                    }));
+                } else {
+                    println!(
+                        "{} ({} of {} blocks sent)",
+                        up.snapshot_id, up.blocks_sent, up.blocks
+                    );
+                }
+                OK
+            }
+            Err(e @ crate::ebs::UploadError::Read { .. }) => {
+                tracing::error!("{e}");
+                DATAERR
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                UNAVAILABLE
             }
         }
     }

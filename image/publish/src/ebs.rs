@@ -71,6 +71,10 @@ pub struct Request {
     /// Makes a retried StartSnapshot return the same snapshot.
     pub client_token: String,
     pub workers: usize,
+    /// Send zero blocks too, as if the snapshot were encrypted (what
+    /// nixpkgs' upload-ami does in its EBS-direct mode): only for the
+    /// benchmark's comparison.
+    pub all_blocks: bool,
 }
 
 struct Block {
@@ -120,7 +124,7 @@ pub async fn upload(clients: &Clients, r: &Request) -> Result<Uploaded, UploadEr
             ""
         }
     );
-    match send_and_complete(clients, r, &snapshot, encrypted).await {
+    match send_and_complete(clients, r, &snapshot, encrypted || r.all_blocks).await {
         Ok(u) => Ok(u),
         Err(e) => {
             tracing::warn!("{region}: deleting the incomplete snapshot {snapshot}");
@@ -138,7 +142,7 @@ async fn send_and_complete(
     clients: &Clients,
     r: &Request,
     snapshot: &str,
-    encrypted: bool,
+    every_block: bool,
 ) -> Result<Uploaded, UploadError> {
     let region = clients.region.as_str();
     let total = r.disk.blocks();
@@ -166,7 +170,7 @@ async fn send_and_complete(
                         return;
                     }
                 };
-                if !data && !encrypted {
+                if !data && !every_block {
                     progress.block(false);
                     continue;
                 }

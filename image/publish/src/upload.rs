@@ -455,6 +455,7 @@ async fn snapshot_for(
         tags,
         client_token: naming::token(&[&p.name, &d.role, &nonce]),
         workers: o.workers,
+        all_blocks: false,
     };
     let up = ebs::upload(c, &request).await.map_err(aws)?;
     out.steps.push(format!(

@@ -4,6 +4,13 @@
 //! verify it), and the same program spawns, nothing else.
 //!
 //! bench-floor IMDS_URL [--ssm URL NAME] --login NIXD --resolve FH REF [--apply]
+//!
+//! And the floor of the upload benchmark: a bare loop of PutSnapshotBlock
+//! requests on one connection, for the blocks that are not all zeros,
+//! between StartSnapshot and CompleteSnapshot (no SDK, no signing, no
+//! retries, no concurrency, no progress).
+//!
+//! bench-floor ebs EBS_URL DISK
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -42,8 +49,68 @@ fn request(
     (status, body)
 }
 
+fn ebs_floor(url: &str, disk: &str) {
+    use nixos_ami_agent_tests::ebs::{BLOCK, Conn, linear_checksum};
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(disk).expect("open the disk");
+    let size = file.metadata().unwrap().len();
+    let gib = size.div_ceil(1 << 30).max(1);
+    let mut c = Conn::connect(url).expect("connect");
+    let body = format!("{{\"VolumeSize\":{gib},\"Timeout\":60}}");
+    let r = c
+        .request(
+            "POST",
+            "/snapshots",
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(r.status, 201);
+    let id = r.json()["SnapshotId"].as_str().unwrap().to_owned();
+    let mut buf = vec![0u8; BLOCK];
+    let mut digests = vec![];
+    for index in 0..size.div_ceil(BLOCK as u64) {
+        let start = index * BLOCK as u64;
+        let len = (size - start).min(BLOCK as u64) as usize;
+        buf[len..].fill(0);
+        file.read_exact_at(&mut buf[..len], start).unwrap();
+        let zero = buf
+            .chunks_exact(8)
+            .all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0);
+        if zero {
+            continue;
+        }
+        let (r, digest) = c.put_block(&id, index, &buf).unwrap();
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        digests.push(digest);
+    }
+    let count = digests.len().to_string();
+    let linear = linear_checksum(&digests);
+    let mut headers = vec![("x-amz-ChangedBlocksCount", count.as_str())];
+    if !digests.is_empty() {
+        headers.extend([
+            ("x-amz-Checksum", linear.as_str()),
+            ("x-amz-Checksum-Algorithm", "SHA256"),
+            ("x-amz-Checksum-Aggregation-Method", "LINEAR"),
+        ]);
+    }
+    let r = c
+        .request(
+            "POST",
+            &format!("/snapshots/completion/{id}"),
+            &headers,
+            b"",
+        )
+        .unwrap();
+    assert_eq!(r.status, 202);
+    println!("{{\"snapshot_id\":\"{id}\",\"blocks_sent\":{count}}}");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("ebs") {
+        return ebs_floor(&args[1], &args[2]);
+    }
     let imds = &args[0];
     let flag = |name: &str, n: usize| -> Option<Vec<String>> {
         let i = args.iter().position(|a| a == name)?;
