@@ -2,7 +2,7 @@
 //! resolve → decide → apply → verify → scripts → state. Also the read-only
 //! half that `plan` shares.
 
-use crate::config::Config;
+use crate::config::{Agent, Config};
 use crate::exit::Failure;
 use crate::imds::Imds;
 use crate::log;
@@ -375,7 +375,7 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
         // no reboot now; the next run asks for it if it is still needed.
         return Ok(report);
     }
-    if let Some(by) = reboot_if_needed(&store, &mut state, agent.reboot_timeout).await? {
+    if let Some(by) = reboot_if_needed(&store, &mut state, agent).await? {
         report
             .message
             .push_str(&format!("; reboot requested from {by}"));
@@ -383,14 +383,15 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
     Ok(report)
 }
 
-/// Records that a reboot is requested, then asks for it: the run after the
-/// reboot must find the request and not ask again. If the request fails,
-/// the record is taken back so that the next run asks again.
+/// Records that a reboot is requested, in this boot, then asks for it: the
+/// run after the reboot must find the request and not ask again. If the
+/// request fails, the record is taken back so that the next run asks again.
 async fn reboot_if_needed(
     store: &Store,
     state: &mut State,
-    timeout: std::time::Duration,
+    agent: &Agent,
 ) -> Result<Option<&'static str>, Failure> {
+    let timeout = agent.reboot_timeout;
     let Some(reason) = state
         .last_run
         .as_ref()
@@ -400,7 +401,7 @@ async fn reboot_if_needed(
     else {
         return Ok(None);
     };
-    mark_reboot_requested(state, true);
+    mark_reboot_requested(state, Some(system::boot_id(&agent.boot_id)));
     store.save(state)?;
     notify::ready(&format!("rebooting: {reason}"));
     tracing::info!("requesting a reboot: {reason}");
@@ -421,22 +422,30 @@ async fn reboot_if_needed(
                     timeout.as_secs()
                 ),
                 Err(i) => {
-                    mark_reboot_requested(state, false);
-                    store.save(state)?;
+                    // Most of the time this stop *is* the reboot: logind
+                    // took the request and the shutdown stops the agent
+                    // before the answer arrives. Taking the request back
+                    // would make the next boot believe no reboot was
+                    // asked for. It stays on record with this boot's ID:
+                    // if this boot goes on, the next run asks again.
                     return Err(Failure::Interrupted(format!(
-                        "reboot: {i} before logind answered; the next run asks again"
+                        "reboot: {i} before logind answered; kept as requested \
+                         in this boot, so a run in a later boot takes it as done \
+                         and a run in this one asks again"
                     )));
                 }
                 Ok(Ok(Ok(_))) => unreachable!("handled above"),
             };
-            mark_reboot_requested(state, false);
+            mark_reboot_requested(state, None);
             store.save(state)?;
             Err(Failure::Reboot(why))
         }
     }
 }
 
-fn mark_reboot_requested(state: &mut State, requested: bool) {
+/// `Some(boot)`: requested in that boot (`None` inside if the boot ID is
+/// unreadable); `None`: not requested (taken back).
+fn mark_reboot_requested(state: &mut State, requested: Option<Option<String>>) {
     let started = state.last_run.as_ref().map(|r| r.started.clone());
     let records = state.last_run.iter_mut().chain(
         state
@@ -446,7 +455,8 @@ fn mark_reboot_requested(state: &mut State, requested: bool) {
     );
     for r in records {
         if let Some(rb) = r.reboot.as_mut() {
-            rb.requested = requested;
+            rb.requested = requested.is_some();
+            rb.boot_id = requested.clone().flatten();
         }
     }
 }
@@ -562,10 +572,14 @@ async fn converge(
         }
     };
 
+    // A request made in this very boot was not carried out (or not yet):
+    // it neither guards against asking again nor counts as asked.
+    let this_boot = system::boot_id(&agent.boot_id);
+    let honoured = |r: &RebootRecord| r.honoured(this_boot.as_deref());
     let requested_for = previous_run
         .into_iter()
         .chain(state.last_applied.as_ref())
-        .filter(|p| p.reboot.as_ref().is_some_and(|r| r.requested))
+        .filter(|p| p.reboot.as_ref().is_some_and(honoured))
         .find_map(|p| p.store_path.as_deref())
         .map(PathBuf::from);
     // An earlier run applied this very target and needed a reboot, but
@@ -573,7 +587,7 @@ async fn converge(
     // apply): this run asks, also for `reboot = "always"`.
     let unasked = state.last_applied.as_ref().is_some_and(|a| {
         a.store_path.as_deref() == Some(&*target.to_string_lossy())
-            && a.reboot.as_ref().is_some_and(|r| r.needed && !r.requested)
+            && a.reboot.as_ref().is_some_and(|r| r.needed && !honoured(r))
     });
     let booted_system = system::canonical(&agent.booted_system);
     let assessment = plan::reboot(&RebootInputs {

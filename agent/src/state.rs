@@ -54,6 +54,12 @@ pub struct RebootRecord {
     /// the run after it does not ask again.
     #[serde(default)]
     pub requested: bool,
+    /// The boot (the kernel's boot ID) in which the request was made. A
+    /// stop that arrives while logind is being asked is, most of the time,
+    /// the reboot itself, so the request stays on record; only a later
+    /// boot proves it was carried out (see [`RebootRecord::honoured`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 impl RebootRecord {
@@ -63,7 +69,22 @@ impl RebootRecord {
             needed: a.needed,
             reason: a.reason,
             requested: false,
+            boot_id: None,
         }
+    }
+
+    /// Whether the reboot asked for has happened, as far as this boot can
+    /// tell: requested, and not in this very boot. A request made in the
+    /// boot that is still running was not carried out (or not yet), so
+    /// the run asks again instead of taking it as done. Without a boot ID
+    /// on either side (a record from before the field, or an unreadable
+    /// `boot-id`), the request is trusted as before.
+    pub fn honoured(&self, this_boot: Option<&str>) -> bool {
+        self.requested
+            && match (self.boot_id.as_deref(), this_boot) {
+                (Some(then), Some(now)) => then != now,
+                _ => true,
+            }
     }
 }
 
@@ -391,6 +412,23 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_reboot_request_is_honoured_only_in_a_later_boot() {
+        let r = |requested, boot_id: Option<&str>| RebootRecord {
+            policy: RebootPolicy::IfNeeded,
+            needed: true,
+            reason: "kernel".into(),
+            requested,
+            boot_id: boot_id.map(str::to_owned),
+        };
+        assert!(!r(false, None).honoured(Some("a")));
+        assert!(!r(false, Some("a")).honoured(Some("b")));
+        assert!(!r(true, Some("a")).honoured(Some("a")), "same boot");
+        assert!(r(true, Some("a")).honoured(Some("b")), "a later boot");
+        assert!(r(true, None).honoured(Some("a")), "a record from before");
+        assert!(r(true, Some("a")).honoured(None), "unreadable boot ID");
     }
 
     #[test]

@@ -22,6 +22,7 @@ struct AgentTable {
     state_dir: Option<PathBuf>,
     current_system: Option<PathBuf>,
     booted_system: Option<PathBuf>,
+    boot_id: Option<PathBuf>,
     system_profile: Option<PathBuf>,
     imds_endpoint: Option<String>,
     retry_budget: Option<String>,
@@ -40,6 +41,10 @@ pub struct Agent {
     pub state_dir: PathBuf,
     pub current_system: PathBuf,
     pub booted_system: PathBuf,
+    /// The kernel's identifier of this boot: a reboot request counts as
+    /// done only once the machine has booted since (see
+    /// `RebootRecord::honoured` in the agent).
+    pub boot_id: PathBuf,
     pub system_profile: PathBuf,
     /// From the file; see [`Agent::imds_endpoint`] for the effective one.
     pub imds_endpoint: Option<String>,
@@ -65,6 +70,7 @@ impl Default for Agent {
             state_dir: "/var/lib/nixos-ami-agent".into(),
             current_system: "/run/current-system".into(),
             booted_system: "/run/booted-system".into(),
+            boot_id: "/proc/sys/kernel/random/boot_id".into(),
             system_profile: "/nix/var/nix/profiles/system".into(),
             imds_endpoint: None,
             retry_budget: Duration::from_secs(120),
@@ -290,6 +296,7 @@ fn agent(t: AgentTable, source: &Source) -> Result<Agent, SettingsError> {
         state_dir: path("state-dir", t.state_dir, d.state_dir)?,
         current_system: path("current-system", t.current_system, d.current_system)?,
         booted_system: path("booted-system", t.booted_system, d.booted_system)?,
+        boot_id: path("boot-id", t.boot_id, d.boot_id)?,
         system_profile: path("system-profile", t.system_profile, d.system_profile)?,
         imds_endpoint: t.imds_endpoint,
         retry_budget: duration("retry-budget", t.retry_budget, d.retry_budget)?,

@@ -192,6 +192,7 @@ impl Scenario {
         )
         .unwrap();
         std::fs::write(root.join("empty"), "").unwrap();
+        std::fs::write(root.join("run/boot_id"), boot_id(1)).unwrap();
         let mut behaviour = Behaviour {
             current_system: root.join("run/current-system"),
             system_profile: root.join("profiles/system"),
@@ -283,6 +284,7 @@ impl Scenario {
             ("state-dir".into(), q("state")),
             ("current-system".into(), q("run/current-system")),
             ("booted-system".into(), q("run/booted-system")),
+            ("boot-id".into(), q("run/boot_id")),
             ("system-profile".into(), q("profiles/system")),
             ("imds-endpoint".into(), format!("{:?}", self.imds.url())),
             ("retry-budget".into(), "\"4s\"".into()),
@@ -376,6 +378,20 @@ impl Scenario {
     pub fn system_profile(&self) -> PathBuf {
         std::fs::canonicalize(self.path("profiles/system")).unwrap()
     }
+
+    /// A new boot as the kernel shows it: the next boot ID. Which system
+    /// it booted is the caller's to set (`run/booted-system`).
+    pub fn new_boot(&self) {
+        let file = self.path("run/boot_id");
+        let now = std::fs::read_to_string(&file).unwrap();
+        let n = u64::from_str_radix(now.trim().rsplit('-').next().unwrap(), 16).unwrap();
+        std::fs::write(file, boot_id(n + 1)).unwrap();
+    }
+}
+
+/// A boot ID in the kernel's form (`/proc/sys/kernel/random/boot_id`).
+fn boot_id(n: u64) -> String {
+    format!("5f3c1a2e-0b7d-4c1e-9a55-{n:012x}\n")
 }
 
 /// The agent's PATH in these tests: this machine's /usr/bin and /bin

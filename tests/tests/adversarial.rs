@@ -823,6 +823,75 @@ fn a_reboot_request_nobody_answers_is_bounded_and_asked_again() {
     assert_eq!(s.reboot_requests(), ["login1.Reboot(false)"]);
 }
 
+// A stop while logind is being asked is, on a real machine, the reboot
+// itself most of the time: logind took the request and the shutdown stops
+// the agent before the answer arrives. The request stays on record (with
+// this boot's ID): the next boot takes it as done, while a run in the same
+// boot (the stop was something else) asks again.
+#[test]
+fn a_stop_during_the_reboot_request_keeps_it_for_the_next_boot() {
+    let mut s = scenario(&format!("flake = \"{REF_NEW_KERNEL}\""));
+    s.set_agent("reboot-timeout", "\"1h\"");
+    let sock = s.path("silent-bus");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let (asked, asking) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = vec![];
+        for c in listener.incoming().flatten() {
+            held.push(c); // accepted, never answered
+            let _ = asked.send(());
+        }
+    });
+    s.env.push((
+        "DBUS_SYSTEM_BUS_ADDRESS".into(),
+        format!("unix:path={}", sock.display()),
+    ));
+    let child = s.spawn(&["run"]);
+    asking
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the agent never connected to the bus");
+    // SAFETY: a signal to the agent we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = finish(child, Duration::from_secs(30));
+    assert_eq!(out.code, 75, "{out:?}");
+    assert!(out.stderr.contains("before logind answered"), "{out:?}");
+    let state = s.state();
+    let boot = std::fs::read_to_string(s.path("run/boot_id")).unwrap();
+    for record in ["last-run", "last-applied"] {
+        let r = &state[record]["reboot"];
+        assert_eq!(r["requested"], true, "{record}: {state}");
+        assert_eq!(r["boot-id"], boot.trim(), "{record}: {state}");
+    }
+
+    // The same boot goes on (the stop was not the reboot): asked again.
+    s.env.retain(|(k, _)| k != "DBUS_SYSTEM_BUS_ADDRESS");
+    s.with_bus(true, true);
+    let same_boot = s.run(&["run"]);
+    assert_eq!(same_boot.code, 0, "{same_boot:?}");
+    assert_eq!(s.reboot_requests(), ["login1.Reboot(false)"]);
+    assert_eq!(
+        s.call_lines()
+            .iter()
+            .filter(|l| l.starts_with("fh apply"))
+            .count(),
+        1,
+        "asking again does not apply again"
+    );
+
+    // The machine rebooted into the new system: done, nothing asked.
+    s.new_boot();
+    let profile = s.system_profile();
+    for link in ["run/booted-system", "run/current-system"] {
+        std::fs::remove_file(s.path(link)).unwrap();
+        std::os::unix::fs::symlink(&profile, s.path(link)).unwrap();
+    }
+    let next_boot = s.run(&["run"]);
+    assert_eq!(next_boot.code, 0, "{next_boot:?}");
+    assert!(next_boot.stderr.contains("nothing to do"), "{next_boot:?}");
+    assert_eq!(s.reboot_requests().len(), 1, "no second reboot");
+    assert_eq!(s.state()["last-applied"]["reboot"]["requested"], true);
+}
+
 // A stop during a user-data script: the run is interrupted (75), not a
 // script failure (1); the script is recorded and not run again.
 #[test]

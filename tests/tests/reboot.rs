@@ -13,6 +13,7 @@ fn scenario(settings: &str) -> Scenario {
 
 /// What the machine does when it reboots: it boots the boot default.
 fn reboot_into_profile(s: &Scenario) {
+    s.new_boot();
     let profile = s.system_profile();
     for link in ["run/booted-system", "run/current-system"] {
         std::fs::remove_file(s.path(link)).unwrap();
@@ -84,6 +85,7 @@ fn a_reboot_that_did_not_take_is_not_requested_again() {
     let mut s = scenario(&format!("flake = \"{REF_NEW_KERNEL}\""));
     s.with_bus(true, false);
     assert_eq!(s.run(&["run"]).code, 0);
+    s.new_boot(); // rebooted, into the old system again
     let again = s.run(&["run"]);
     assert_eq!(again.code, 0, "{again:?}");
     assert_eq!(s.reboot_requests().len(), 1);
@@ -93,6 +95,24 @@ fn a_reboot_that_did_not_take_is_not_requested_again() {
             .contains("was already requested; not rebooting again"),
         "{again:?}"
     );
+}
+
+/// logind said yes, but this boot goes on (a run came before the
+/// shutdown, or the reboot never happened): the request made in this very
+/// boot is not taken as done, so the run asks again; after a reboot that
+/// came back on the old kernel it is, and nothing loops.
+#[test]
+fn a_request_this_boot_did_not_carry_out_is_asked_again() {
+    let mut s = scenario(&format!("flake = \"{REF_NEW_KERNEL}\""));
+    s.with_bus(true, false);
+    assert_eq!(s.run(&["run"]).code, 0);
+    let same_boot = s.run(&["run"]);
+    assert_eq!(same_boot.code, 0, "{same_boot:?}");
+    assert_eq!(s.reboot_requests().len(), 2, "{same_boot:?}");
+    s.new_boot();
+    let after = s.run(&["run"]);
+    assert_eq!(after.code, 0, "{after:?}");
+    assert_eq!(s.reboot_requests().len(), 2, "{after:?}");
 }
 
 #[test]

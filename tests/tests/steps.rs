@@ -189,8 +189,15 @@ fn boot_compares_and_verifies_the_profile() {
     assert_eq!(r["needed"], true, "boot takes effect at the next boot: {r}");
     assert_eq!(s.reboot_requests(), ["login1.Reboot(false)"]);
 
-    // The reboot did not happen yet (or did not take): nothing to apply,
-    // and no second request.
+    // The reboot did not happen yet (the same boot goes on): nothing to
+    // apply, but the reboot is still needed and is asked for again.
+    let same_boot = s.run(&["run"]);
+    assert_eq!(same_boot.code, 0, "{same_boot:?}");
+    assert_eq!(s.reboot_requests().len(), 2, "{same_boot:?}");
+
+    // The reboot did not take (the machine came back on the old system):
+    // nothing to apply, and no further request.
+    s.new_boot();
     let out = s.run(&["run"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(
@@ -205,7 +212,7 @@ fn boot_compares_and_verifies_the_profile() {
         .filter(|l| l.starts_with("fh apply"))
         .count();
     assert_eq!(applies, 1);
-    assert_eq!(s.reboot_requests().len(), 1);
+    assert_eq!(s.reboot_requests().len(), 2);
 }
 
 #[test]
