@@ -22,10 +22,13 @@ pub const CONFIG: u8 = 78;
 pub const HELP: &str = "\
 Exit codes:
   0   success, or nothing to do
-  1   apply or verify failed (fh failed, or the system did not switch), a
-      user-data script failed, or a needed reboot could not be requested
+  1   apply or verify failed (fh failed, or the system did not switch), the
+      system was unhealthy after the switch (rolled back, or kept with
+      health.rollback = false), a user-data script failed, or a needed
+      reboot could not be requested
   64  bad command line
-  65  invalid user data, settings or SSM parameter value (nothing was run)
+  65  invalid user data, settings or SSM parameter value, or a target whose
+      store path was rolled back before (rejected; nothing was run)
   69  unavailable: IMDS disabled for this instance, a program missing, the
       SSM parameter missing or access to it denied
   74  the state directory cannot be read or written
@@ -65,12 +68,23 @@ pub enum Failure {
     /// (between steps, in a script, waiting for the lock or a reboot).
     #[error("{0}")]
     Interrupted(String),
+    /// Unhealthy after the switch, and the previous system put back.
+    #[error("health: {0}")]
+    RolledBack(String),
+    /// Unhealthy after the switch, and kept (or the rollback failed).
+    #[error("health: {0}")]
+    Unhealthy(String),
+    /// The target resolves to a store path that was rolled back before.
+    #[error("{0}")]
+    Rejected(String),
 }
 
 impl Failure {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Failure::Input(_) => DATAERR,
+            // Rejected: the same input can only be rejected again; the
+            // operator names another target or clears the rejection.
+            Failure::Input(_) | Failure::Rejected(_) => DATAERR,
             Failure::Config(_) => CONFIG,
             Failure::Usage(_) => USAGE,
             // Interrupted: the next run redoes what this one did not
@@ -91,7 +105,9 @@ impl Failure {
             Failure::Step(StepError::Failed { .. })
             | Failure::NotSwitched(_)
             | Failure::Scripts(_)
-            | Failure::Reboot(_) => FAILED,
+            | Failure::Reboot(_)
+            | Failure::RolledBack(_)
+            | Failure::Unhealthy(_) => FAILED,
         }
     }
 }
@@ -108,6 +124,9 @@ mod tests {
         let d = Duration::from_secs(1);
         let cases: Vec<(Failure, u8)> = vec![
             (Failure::Input(s.clone()), 65),
+            (Failure::Rejected("r".into()), 65),
+            (Failure::RolledBack("r".into()), 1),
+            (Failure::Unhealthy("u".into()), 1),
             (Failure::Config(s), 78),
             (ImdsError::Disabled.into(), 69),
             (

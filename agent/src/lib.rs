@@ -11,12 +11,15 @@
 //! it can be fuzzed and tested without the AWS SDK; it is re-exported here
 //! under the same paths.
 
+/// The gate's settings and verdict (pure); [`health`] observes.
+pub use nixos_ami_agent_core::health as health_rules;
 pub use nixos_ami_agent_core::{config, plan, settings, text, userdata};
 
 pub mod aws;
 pub mod cli;
 pub mod doctor;
 pub mod exit;
+pub mod health;
 pub mod imds;
 pub mod log;
 pub mod notify;
@@ -32,3 +35,4 @@ pub mod state;
 pub mod steps;
 pub mod stop;
 pub mod system;
+pub mod systemd;

@@ -32,6 +32,9 @@ pub mod message_id {
     pub const NOTHING_TO_DO: &str = "9e9b458c8dc141e9a75f3eb338906dc8";
     /// The run failed; `EXIT_CODE` says how.
     pub const FAILED: &str = "07dbe6e6e7384bc8a3aedd0784ddc7c8";
+    /// The target was unhealthy after the switch and the previous system
+    /// was put back; its store path is rejected.
+    pub const ROLLED_BACK: &str = "71e23dba107e468494c831ed1fa05bbc";
 }
 
 const CAPPED: &[&str] = &[
@@ -191,6 +194,7 @@ mod tests {
             message_id::APPLIED,
             message_id::NOTHING_TO_DO,
             message_id::FAILED,
+            message_id::ROLLED_BACK,
         ];
         for id in ids {
             assert_eq!(id.len(), 32);
@@ -201,7 +205,7 @@ mod tests {
         }
         assert_eq!(
             ids.iter().collect::<std::collections::HashSet<_>>().len(),
-            3
+            4
         );
     }
 }

@@ -3,6 +3,7 @@
 //! absent, systemd's `StartUnit("reboot.target", "replace-irreversibly")`.
 //! Never by running a program.
 
+use crate::systemd::Systemd1ManagerProxy;
 use zbus::proxy;
 
 #[proxy(
@@ -12,15 +13,6 @@ use zbus::proxy;
 )]
 trait Login1Manager {
     fn reboot(&self, interactive: bool) -> zbus::Result<()>;
-}
-
-#[proxy(
-    interface = "org.freedesktop.systemd1.Manager",
-    default_service = "org.freedesktop.systemd1",
-    default_path = "/org/freedesktop/systemd1"
-)]
-trait Systemd1Manager {
-    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::OwnedObjectPath>;
 }
 
 /// Which service accepted the request.

@@ -105,7 +105,57 @@ pub struct RunRecord {
     pub store_path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reboot: Option<RebootRecord>,
+    /// The health gate after the apply, when one ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthRecord>,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HealthState {
+    /// Recorded before the gate starts: seen later, the gate never ended.
+    Pending,
+    Healthy,
+    /// Unhealthy and kept (`health.rollback = false`, or the rollback
+    /// itself failed).
+    Unhealthy,
+    RolledBack,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct HealthRecord {
+    pub state: HealthState,
+    /// What was wrong, one entry each (empty when healthy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+    /// The system that ran before the apply: where a rollback goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
+    /// Units already failed before the apply (not blamed on the target).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_before: Vec<String>,
+    /// What the rollback did and how the previous system fared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked: Option<String>,
+}
+
+/// A store path that was rolled back: no later run applies it again,
+/// whoever names it, until `forget-rejected` clears it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Rejected {
+    pub store_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flake: Option<String>,
+    pub at: String,
+    pub reason: String,
+}
+
+/// The oldest rejections are dropped past this: the state stays small.
+pub const MAX_REJECTED: usize = 32;
 
 impl RunRecord {
     pub fn start() -> Self {
@@ -118,6 +168,7 @@ impl RunRecord {
             action: None,
             store_path: None,
             reboot: None,
+            health: None,
         }
     }
 
@@ -157,6 +208,22 @@ pub struct State {
     /// The last run that changed the system.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_applied: Option<RunRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<Rejected>,
+}
+
+impl State {
+    pub fn rejection(&self, store_path: &str) -> Option<&Rejected> {
+        self.rejected.iter().find(|r| r.store_path == store_path)
+    }
+
+    /// Records a rejection (replacing an older one of the same path).
+    pub fn reject(&mut self, r: Rejected) {
+        self.rejected.retain(|x| x.store_path != r.store_path);
+        self.rejected.push(r);
+        let over = self.rejected.len().saturating_sub(MAX_REJECTED);
+        self.rejected.drain(..over);
+    }
 }
 
 impl State {
@@ -167,6 +234,7 @@ impl State {
             scripts: vec![],
             last_run: None,
             last_applied: None,
+            rejected: vec![],
         }
     }
 }

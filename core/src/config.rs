@@ -19,6 +19,7 @@ pub const IMDS_ENDPOINT_ENV: &str = "AWS_EC2_METADATA_SERVICE_ENDPOINT";
 struct AgentTable {
     fh: Option<PathBuf>,
     determinate_nixd: Option<PathBuf>,
+    nix_env: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     current_system: Option<PathBuf>,
     booted_system: Option<PathBuf>,
@@ -38,6 +39,8 @@ struct AgentTable {
 pub struct Agent {
     pub fh: PathBuf,
     pub determinate_nixd: PathBuf,
+    /// Sets the system profile back to the previous system on a rollback.
+    pub nix_env: PathBuf,
     pub state_dir: PathBuf,
     pub current_system: PathBuf,
     pub booted_system: PathBuf,
@@ -67,6 +70,7 @@ impl Default for Agent {
         Self {
             fh: "/run/current-system/sw/bin/fh".into(),
             determinate_nixd: "/run/current-system/sw/bin/determinate-nixd".into(),
+            nix_env: "/run/current-system/sw/bin/nix-env".into(),
             state_dir: "/var/lib/nixos-ami-agent".into(),
             current_system: "/run/current-system".into(),
             booted_system: "/run/booted-system".into(),
@@ -200,6 +204,7 @@ impl Config {
             action: None,
             reboot: None,
             login: None,
+            health: Default::default(),
         };
         Self {
             path: path.to_owned(),
@@ -293,6 +298,7 @@ fn agent(t: AgentTable, source: &Source) -> Result<Agent, SettingsError> {
     let agent = Agent {
         fh: path("fh", t.fh, d.fh)?,
         determinate_nixd: path("determinate-nixd", t.determinate_nixd, d.determinate_nixd)?,
+        nix_env: path("nix-env", t.nix_env, d.nix_env)?,
         state_dir: path("state-dir", t.state_dir, d.state_dir)?,
         current_system: path("current-system", t.current_system, d.current_system)?,
         booted_system: path("booted-system", t.booted_system, d.booted_system)?,

@@ -4,12 +4,14 @@
 //! [`userdata`] sniffs the instance's user data (gzip, MIME, TOML, JSON,
 //! scripts), [`settings`] validates and layers what it and the config file
 //! say, [`config`] reads the image's config file, and [`plan`] decides
-//! whether to apply, what to verify and whether to reboot; [`text`] makes
+//! whether to apply, what to verify and whether to reboot; [`health`]
+//! judges the system after a switch; [`text`] makes
 //! outside text safe to show. The agent crate
 //! does the effects around it; the fuzzer and the property tests need
 //! nothing else.
 
 pub mod config;
+pub mod health;
 pub mod plan;
 pub mod settings;
 pub mod text;

@@ -586,6 +586,7 @@ mod tests {
             action: Some(Action::Boot),
             reboot: None,
             login: Some(false),
+            health: Default::default(),
         };
         let settings = Settings::merge([&layer]);
         let script = |label: &str| Script {

@@ -21,6 +21,8 @@ pub const INSTANCE_ID: &str = "i-0c0ffee0c0ffee000";
 const FAKE: &str = "/var/lib/fake-nixos";
 /// Off every PATH: only the fake systems' `sw/bin` links to it.
 const FAKE_NIX: &str = "/usr/lib/fake-nix/nix";
+/// Every fake system's `bin/switch-to-configuration` links to it.
+const FAKE_SWITCH: &str = "/usr/lib/fake-nix/switch-to-configuration";
 /// The boot run, and every later run.
 pub const AGENT_UNITS: [&str; 2] = ["nixos-ami-agent.service", "nixos-ami-agent-run.service"];
 
@@ -244,6 +246,12 @@ impl Container {
                 std::os::unix::fs::symlink(FAKE_NIX, self.path(&format!("{s}/sw/bin/{name}")))
                     .unwrap();
             }
+            std::fs::create_dir_all(self.path(&format!("{s}/bin"))).unwrap();
+            std::os::unix::fs::symlink(
+                FAKE_SWITCH,
+                self.path(&format!("{s}/bin/switch-to-configuration")),
+            )
+            .unwrap();
         }
         std::os::unix::fs::symlink(
             format!("{FAKE}/store/old-system"),
@@ -416,6 +424,7 @@ fi
                     "/usr/local/bin/nixos-ami-agent-doubles",
                 ))
                 .arg(bin("fake-nix", FAKE_NIX))
+                .arg(bin("fake-switch-to-configuration", FAKE_SWITCH))
                 .stdin(std::process::Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)

@@ -2,9 +2,18 @@
 //! dir) with doubles of logind's and systemd's managers that record the
 //! reboot requests they get. The agent finds it through
 //! `DBUS_SYSTEM_BUS_ADDRESS`; it never sees the host's system bus.
+//!
+//! The systemd double also answers what the health gate asks, with the
+//! signatures of `org.freedesktop.systemd1(5)`: `SystemState`,
+//! `ListJobs`, `ListUnitsFiltered`, `ListUnitsByNames`, `GetUnitByPID`.
+//! Which units are failed depends on which system runs: it follows the
+//! stand-ins' `current-system` link and reports that system's `units`
+//! from `standin.json`, so a rollback really changes what it reports.
 
+use crate::standin::Behaviour;
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
@@ -26,16 +35,170 @@ impl Login1 {
 
 struct Systemd1 {
     calls: Calls,
+    /// Whether `StartUnit` is allowed (a systemd that reboots when logind
+    /// is absent); otherwise it is refused as access denied.
+    reboots: bool,
+    standin: Option<PathBuf>,
+    list_jobs_calls: Arc<Mutex<u32>>,
+}
+
+type UnitStatus = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    zbus::OwnedObjectPath,
+    u32,
+    String,
+    zbus::OwnedObjectPath,
+);
+type JobStatus = (
+    u32,
+    String,
+    String,
+    String,
+    zbus::OwnedObjectPath,
+    zbus::OwnedObjectPath,
+);
+
+/// The unit the double pretends every caller runs in.
+const OWN_UNIT: &str = "nixos-ami-agent.service";
+
+/// systemd's object path escaping (`unit_dbus_path_from_name`).
+fn unit_path(name: &str) -> zbus::OwnedObjectPath {
+    let mut p = String::from("/org/freedesktop/systemd1/unit/");
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() {
+            p.push(b as char);
+        } else {
+            p.push_str(&format!("_{b:02x}"));
+        }
+    }
+    zbus::OwnedObjectPath::try_from(p).unwrap()
+}
+
+fn status(name: &str, load: &str, active: &str) -> UnitStatus {
+    let sub = match active {
+        "active" => "running",
+        "failed" => "failed",
+        _ => "dead",
+    };
+    (
+        name.into(),
+        format!("{name} (double)"),
+        load.into(),
+        active.into(),
+        sub.into(),
+        String::new(),
+        unit_path(name),
+        0,
+        String::new(),
+        zbus::OwnedObjectPath::try_from("/").unwrap(),
+    )
+}
+
+impl Systemd1 {
+    fn behaviour(&self) -> Behaviour {
+        self.standin
+            .as_deref()
+            .map(crate::standin::read_behaviour)
+            .unwrap_or_default()
+    }
+
+    /// The running system's units, as `standin.json` says.
+    fn units(&self) -> HashMap<String, String> {
+        let b = self.behaviour();
+        let running = std::fs::canonicalize(&b.current_system)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+        running
+            .and_then(|r| b.units.get(&r).cloned())
+            .unwrap_or_default()
+    }
 }
 
 #[zbus::interface(name = "org.freedesktop.systemd1.Manager")]
 impl Systemd1 {
-    fn start_unit(&self, name: String, mode: String) -> zbus::OwnedObjectPath {
+    #[zbus(property)]
+    fn system_state(&self) -> String {
+        if self.units().values().any(|s| s == "failed") {
+            "degraded".into()
+        } else {
+            "running".into()
+        }
+    }
+
+    fn list_jobs(&self) -> Vec<JobStatus> {
+        let b = self.behaviour();
+        let n = {
+            let mut n = self.list_jobs_calls.lock().unwrap();
+            *n += 1;
+            *n
+        };
+        let job = |id: u32, unit: &str, kind: &str, state: &str| {
+            (
+                id,
+                unit.to_owned(),
+                kind.to_owned(),
+                state.to_owned(),
+                zbus::OwnedObjectPath::try_from(format!("/org/freedesktop/systemd1/job/{id}"))
+                    .unwrap(),
+                unit_path(unit),
+            )
+        };
+        let mut jobs = vec![];
+        if b.booting {
+            jobs.push(job(1, OWN_UNIT, "start", "running"));
+            jobs.push(job(2, "multi-user.target", "start", "waiting"));
+        }
+        if n <= b.busy_polls {
+            jobs.push(job(3, "restarting.service", "restart", "running"));
+        }
+        jobs
+    }
+
+    /// Units whose load, active or sub state is one of `states`, as
+    /// systemd filters them; only loaded units are listed.
+    fn list_units_filtered(&self, states: Vec<String>) -> Vec<UnitStatus> {
+        self.units()
+            .iter()
+            .map(|(name, active)| status(name, "loaded", active))
+            .filter(|u| states.iter().any(|s| *s == u.2 || *s == u.3 || *s == u.4))
+            .collect()
+    }
+
+    /// Every name asked for, in order; a unit that does not exist is
+    /// `not-found` and `inactive`, as systemd loads it.
+    fn list_units_by_names(&self, names: Vec<String>) -> Vec<UnitStatus> {
+        let units = self.units();
+        names
+            .iter()
+            .map(|n| match units.get(n) {
+                Some(active) => status(n, "loaded", active),
+                None => status(n, "not-found", "inactive"),
+            })
+            .collect()
+    }
+
+    /// Spelled as systemd spells it (zbus would make it `GetUnitByPid`).
+    #[zbus(name = "GetUnitByPID")]
+    fn get_unit_by_pid(&self, _pid: u32) -> zbus::OwnedObjectPath {
+        unit_path(OWN_UNIT)
+    }
+
+    fn start_unit(&self, name: String, mode: String) -> zbus::fdo::Result<zbus::OwnedObjectPath> {
+        if !self.reboots {
+            return Err(zbus::fdo::Error::AccessDenied(
+                "StartUnit refused (double)".into(),
+            ));
+        }
         self.calls
             .lock()
             .unwrap()
             .push(format!("systemd1.StartUnit({name}, {mode})"));
-        zbus::OwnedObjectPath::try_from("/org/freedesktop/systemd1/job/1").unwrap()
+        Ok(zbus::OwnedObjectPath::try_from("/org/freedesktop/systemd1/job/1").unwrap())
     }
 }
 
@@ -54,8 +217,17 @@ impl Drop for BusDouble {
 }
 
 impl BusDouble {
-    /// Starts the bus and the doubles asked for (`logind`, `systemd`).
-    pub fn start(rt: &tokio::runtime::Runtime, dir: &Path, logind: bool, systemd: bool) -> Self {
+    /// Starts the bus, the systemd double (always: there is no system
+    /// without it; `systemd_reboots`: whether it accepts
+    /// `StartUnit(reboot.target)`) and, if asked, the logind double. The
+    /// systemd double reads the stand-ins' behaviour from `standin`.
+    pub fn start(
+        rt: &tokio::runtime::Runtime,
+        dir: &Path,
+        standin: Option<&Path>,
+        logind: bool,
+        systemd_reboots: bool,
+    ) -> Self {
         let socket = dir.join("system_bus_socket");
         let address = format!("unix:path={}", socket.display());
         // The daemon prints its address once it accepts connections; the
@@ -100,13 +272,16 @@ impl BusDouble {
                     .expect("logind double on the private bus");
                 connections.push(c);
             }
-            if systemd {
+            {
                 let c = builder()
                     .name("org.freedesktop.systemd1")
                     .serve_at(
                         "/org/freedesktop/systemd1",
                         Systemd1 {
                             calls: calls.clone(),
+                            reboots: systemd_reboots,
+                            standin: standin.map(Path::to_path_buf),
+                            list_jobs_calls: Default::default(),
                         },
                     )
                     .build()

@@ -171,16 +171,7 @@ impl Scenario {
             ("new-system", "1"),
             ("kernel-system", "2"),
         ] {
-            let s = store.join(system);
-            std::fs::create_dir_all(&s).unwrap();
-            symlink(store.join(format!("kernel-{k}")), s.join("kernel")).unwrap();
-            symlink(store.join(format!("initrd-{k}")), s.join("initrd")).unwrap();
-            symlink(store.join("modules-1"), s.join("kernel-modules")).unwrap();
-            // Each system carries `nix`, as a NixOS system's `sw/bin` does;
-            // nothing else on the agent's PATH has one.
-            std::fs::create_dir_all(s.join("sw/bin")).unwrap();
-            symlink(workspace_bin("fake-nix"), s.join("sw/bin/nix")).unwrap();
-            symlink(workspace_bin("fake-nix"), s.join("sw/bin/nix-env")).unwrap();
+            make_system(&store, system, k);
         }
         symlink(store.join("old-system"), root.join("run/current-system")).unwrap();
         symlink(store.join("old-system"), root.join("run/booted-system")).unwrap();
@@ -207,6 +198,9 @@ impl Scenario {
         let imds = ImdsDouble::start(rt(), Imds::default(), delay);
         let ssm = SsmDouble::start(rt(), Ssm::default());
         let sts = StsDouble::start(rt());
+        // systemd is on the system bus of every NixOS machine: the health
+        // gate asks it after each switch.
+        let bus = BusDouble::start(rt(), root, Some(&root.join("standin")), false, false);
         Self {
             dir,
             imds,
@@ -217,7 +211,7 @@ impl Scenario {
             behaviour,
             env: vec![],
             env_remove: vec![],
-            bus: None,
+            bus: Some(bus),
         }
     }
 
@@ -248,8 +242,22 @@ impl Scenario {
     /// A private system bus with logind and/or systemd doubles, for
     /// scenarios that reboot.
     pub fn with_bus(&mut self, logind: bool, systemd: bool) -> &BusDouble {
-        self.bus = Some(BusDouble::start(rt(), self.dir.path(), logind, systemd));
+        self.bus = None; // its daemon gone before the next binds the socket
+        self.bus = Some(BusDouble::start(
+            rt(),
+            self.dir.path(),
+            Some(&self.path("standin")),
+            logind,
+            systemd,
+        ));
         self.bus.as_ref().unwrap()
+    }
+
+    /// No system bus at all (the default has systemd on it, as every
+    /// NixOS machine does; neither logind nor a reboot through systemd).
+    pub fn without_bus(&mut self) -> &mut Self {
+        self.bus = None;
+        self
     }
 
     pub fn reboot_requests(&self) -> Vec<String> {
@@ -281,6 +289,7 @@ impl Scenario {
         let mut agent: Vec<(String, String)> = vec![
             ("fh".into(), q("bin/fh")),
             ("determinate-nixd".into(), q("bin/determinate-nixd")),
+            ("nix-env".into(), q("run/current-system/sw/bin/nix-env")),
             ("state-dir".into(), q("state")),
             ("current-system".into(), q("run/current-system")),
             ("booted-system".into(), q("run/booted-system")),
@@ -360,6 +369,25 @@ impl Scenario {
         standin::call_lines(&self.path("standin"))
     }
 
+    /// Every `switch-to-configuration`, as `switch-to-configuration
+    /// SYSTEM ACTION` (SYSTEM: the store directory's name).
+    pub fn switch_lines(&self) -> Vec<String> {
+        standin::switch_lines(&self.path("standin"))
+    }
+
+    /// What the systemd double reports while `system` runs: these units
+    /// with these `ActiveState`s.
+    pub fn units_on(&mut self, system: &str, units: &[(&str, &str)]) -> &mut Self {
+        self.behaviour.units.insert(
+            system.into(),
+            units
+                .iter()
+                .map(|(u, s)| ((*u).to_owned(), (*s).to_owned()))
+                .collect(),
+        );
+        self
+    }
+
     /// Calls of the `nix` stand-in, as `nix arg arg`.
     pub fn nix_call_lines(&self) -> Vec<String> {
         standin::nix_call_lines(&self.path("standin"))
@@ -379,6 +407,12 @@ impl Scenario {
         std::fs::canonicalize(self.path("profiles/system")).unwrap()
     }
 
+    /// Another system in the store (the booted kernel), for a target
+    /// that resolves to a new store path.
+    pub fn add_system(&self, name: &str) -> PathBuf {
+        make_system(&self.path("store"), name, "1")
+    }
+
     /// A new boot as the kernel shows it: the next boot ID. Which system
     /// it booted is the caller's to set (`run/booted-system`).
     pub fn new_boot(&self) {
@@ -387,6 +421,29 @@ impl Scenario {
         let n = u64::from_str_radix(now.trim().rsplit('-').next().unwrap(), 16).unwrap();
         std::fs::write(file, boot_id(n + 1)).unwrap();
     }
+}
+
+/// A NixOS-like system `store/NAME`: kernel, initrd and modules (kernel
+/// and initrd number `kernel`), `sw/bin` with `nix`, and
+/// `bin/switch-to-configuration`.
+fn make_system(store: &Path, name: &str, kernel: &str) -> PathBuf {
+    let s = store.join(name);
+    std::fs::create_dir_all(&s).unwrap();
+    symlink(store.join(format!("kernel-{kernel}")), s.join("kernel")).unwrap();
+    symlink(store.join(format!("initrd-{kernel}")), s.join("initrd")).unwrap();
+    symlink(store.join("modules-1"), s.join("kernel-modules")).unwrap();
+    // Each system carries `nix`, as a NixOS system's `sw/bin` does;
+    // nothing else on the agent's PATH has one.
+    std::fs::create_dir_all(s.join("sw/bin")).unwrap();
+    symlink(workspace_bin("fake-nix"), s.join("sw/bin/nix")).unwrap();
+    symlink(workspace_bin("fake-nix"), s.join("sw/bin/nix-env")).unwrap();
+    std::fs::create_dir_all(s.join("bin")).unwrap();
+    symlink(
+        workspace_bin("fake-switch-to-configuration"),
+        s.join("bin/switch-to-configuration"),
+    )
+    .unwrap();
+    s
 }
 
 /// A boot ID in the kernel's form (`/proc/sys/kernel/random/boot_id`).

@@ -55,6 +55,17 @@ pub struct Behaviour {
     /// Written verbatim to stderr by `fh apply` (a progress line with a
     /// CR, an escape sequence, a fake log line).
     pub apply_stderr: Option<String>,
+    /// Per system (its store directory's name): units and their
+    /// `ActiveState` while that system runs, as the systemd double
+    /// reports them. A unit not listed is active if named, else absent.
+    pub units: HashMap<String, HashMap<String, String>>,
+    /// The systemd double answers `ListJobs` with a running job this many
+    /// times before the queue is empty (a switch still restarting units).
+    pub busy_polls: u32,
+    /// The systemd double's queue also holds the caller's own start job
+    /// (running) and `multi-user.target` waiting for it, as during the
+    /// boot that runs the agent's boot unit.
+    pub booting: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,8 +104,16 @@ pub fn calls(dir: &Path) -> Vec<Call> {
 /// Every call of `fh` and `determinate-nixd` (the programs the agent
 /// runs) as `prog arg arg`.
 pub fn call_lines(dir: &Path) -> Vec<String> {
-    lines(dir, |p| !is_nix(p))
+    lines(dir, |p| !is_nix(p) && p != SWITCH)
 }
+
+/// Every `switch-to-configuration` (by fh or by the agent's rollback), as
+/// `SYSTEM ACTION`, SYSTEM the store directory's name.
+pub fn switch_lines(dir: &Path) -> Vec<String> {
+    lines(dir, |p| p == SWITCH)
+}
+
+const SWITCH: &str = "switch-to-configuration";
 
 /// Every call of the `nix` stand-in (by fh, or by the agent's rollback).
 pub fn nix_call_lines(dir: &Path) -> Vec<String> {
@@ -252,6 +271,14 @@ pub fn fh_main() -> ! {
         }
         ["apply", "nixos", reference, action] => {
             eprintln!("applying {reference} ({action})");
+            if b.apply == Mode::HangIgnoringTerm {
+                // Before the pid is published: a test that signals as soon
+                // as it sees it must find SIGTERM already ignored.
+                // SAFETY: setting a signal's disposition, single-threaded.
+                unsafe {
+                    libc::signal(libc::SIGTERM, libc::SIG_IGN);
+                }
+            }
             // For tests that signal the run: which process to look for.
             std::fs::write(dir.join("pid-apply"), std::process::id().to_string()).unwrap();
             if let Some(raw) = &b.apply_stderr {
@@ -309,8 +336,15 @@ pub fn fh_main() -> ! {
                 eprintln!("switch-to-configuration failed (stand-in; fh ignores it)");
                 std::process::exit(0)
             }
-            if matches!(action, "switch" | "test") {
-                point(&b.current_system, path);
+            // fh activates with the system's own switch-to-configuration
+            // and ignores its exit status (fh `src/cli/cmd/apply/mod.rs`);
+            // a system without one cannot be activated at all.
+            let activated = std::process::Command::new(path.join("bin/switch-to-configuration"))
+                .arg(action)
+                .status();
+            if let Err(e) = activated {
+                eprintln!("Error: failed to run switch-to-configuration: {e}");
+                std::process::exit(1);
             }
             if b.apply == Mode::KillAgent {
                 kill_agent();
@@ -390,4 +424,51 @@ pub fn nix_main() -> ! {
             std::process::exit(2)
         }
     }
+}
+
+/// The `switch-to-configuration` stand-in, linked as
+/// `SYSTEM/bin/switch-to-configuration`: `switch` and `test` make SYSTEM
+/// the running system (`boot` only installs the boot loader entry, which
+/// has no stand-in). Like switch-to-configuration-ng, it exits 4 when a
+/// unit failed to start: here, when SYSTEM has a failed unit in
+/// `units`.
+pub fn switch_main() -> ! {
+    let (dir, argv, b) = setup();
+    let me = std::env::args().next().unwrap_or_default();
+    let system = Path::new(&me)
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let name = system
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    record(
+        &dir,
+        SWITCH,
+        &[name.clone()]
+            .into_iter()
+            .chain(argv.clone())
+            .collect::<Vec<_>>(),
+    );
+    let action = match argv.as_slice() {
+        [a] if matches!(a.as_str(), "switch" | "boot" | "test" | "dry-activate") => a.as_str(),
+        _ => {
+            eprintln!("usage: switch-to-configuration [switch|boot|test|dry-activate]");
+            std::process::exit(1)
+        }
+    };
+    if matches!(action, "switch" | "test") {
+        point(&b.current_system, &system);
+    }
+    let failed = b
+        .units
+        .get(&name)
+        .is_some_and(|u| u.values().any(|s| s == "failed"));
+    if failed && action != "boot" {
+        eprintln!("warning: the following units failed: (stand-in)");
+        std::process::exit(4)
+    }
+    std::process::exit(0)
 }

@@ -788,7 +788,8 @@ fn what_another_user_left_in_the_state_directory_is_not_trusted() {
 // request taken back, and the next run asks again.
 #[test]
 fn a_reboot_request_nobody_answers_is_bounded_and_asked_again() {
-    let mut s = scenario(&format!("flake = \"{REF_NEW_KERNEL}\""));
+    // `boot`: no health gate asks the silent bus before the reboot does.
+    let mut s = scenario(&format!("flake = \"{REF_NEW_KERNEL}\"\naction = \"boot\""));
     s.set_agent("reboot-timeout", "\"1s\"");
     let sock = s.path("silent-bus");
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
@@ -830,7 +831,8 @@ fn a_reboot_request_nobody_answers_is_bounded_and_asked_again() {
 // boot (the stop was something else) asks again.
 #[test]
 fn a_stop_during_the_reboot_request_keeps_it_for_the_next_boot() {
-    let mut s = scenario(&format!("flake = \"{REF_NEW_KERNEL}\""));
+    // `boot`: no health gate asks the silent bus before the reboot does.
+    let mut s = scenario(&format!("flake = \"{REF_NEW_KERNEL}\"\naction = \"boot\""));
     s.set_agent("reboot-timeout", "\"1h\"");
     let sock = s.path("silent-bus");
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();

@@ -43,9 +43,10 @@ fn status_at_each_step_then_ready() {
             "STATUS=logging in to FlakeHub".to_owned(),
             format!("STATUS=resolving {REF}"),
             format!("STATUS=applying {REF}"),
+            format!("STATUS=checking the health of {REF}"),
             "STATUS=running user-data script part 2".to_owned(),
             format!(
-                "READY=1\nSTATUS=applied {REF} ({}) with action switch",
+                "READY=1\nSTATUS=applied {REF} ({}) with action switch; healthy",
                 s.store_path("new-system").display()
             ),
         ]

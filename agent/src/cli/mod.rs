@@ -2,6 +2,7 @@
 
 mod assets;
 mod doctor;
+mod forget;
 mod plan;
 mod status;
 mod validate;
@@ -73,8 +74,15 @@ pub enum Command {
     /// policy, scripts. Reads IMDS and SSM, but does not log in, resolve,
     /// or change anything.
     Plan(plan::PlanArgs),
-    /// Show the recorded state: last run, last apply, scripts.
+    /// Show the recorded state: last run, last apply, health, rejected
+    /// store paths, scripts.
     Status(status::StatusArgs),
+    /// Allow a rolled-back (rejected) store path to be applied again.
+    ///
+    /// A target that was unhealthy after its switch is rolled back and its
+    /// store path rejected: no run applies it again, whoever names it.
+    /// Forget one rejection (STORE_PATH, as `status` shows it) or all.
+    ForgetRejected(forget::ForgetArgs),
     /// Check a user-data file before launching an instance with it.
     Validate(validate::ValidateArgs),
     /// Check everything a run needs (IMDS, the instance role and the
@@ -131,6 +139,10 @@ impl Cli {
                 Err(e) => Err(e),
             },
             Command::Status(args) => config().and_then(|c| args.run(&c)),
+            Command::ForgetRejected(args) => match config() {
+                Ok(c) => args.run(&c).await,
+                Err(e) => Err(e),
+            },
         };
         match result {
             Ok(()) => exit::OK,

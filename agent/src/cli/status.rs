@@ -2,7 +2,7 @@
 
 use crate::config::Config;
 use crate::exit::Failure;
-use crate::state::{Outcome, RunRecord, Store};
+use crate::state::{HealthState, Outcome, RunRecord, Store};
 use clap::Args;
 
 #[derive(Debug, Args)]
@@ -38,6 +38,20 @@ impl StatusArgs {
             .filter(|a| Some(*a) != state.last_run.as_ref())
         {
             print_run("last applied", a);
+        }
+        for r in &state.rejected {
+            println!(
+                "rejected:     {} ({}) at {}: {}",
+                r.store_path,
+                r.flake.as_deref().unwrap_or("target unknown"),
+                r.at,
+                r.reason
+            );
+        }
+        if !state.rejected.is_empty() {
+            println!(
+                "              (not applied again; `nixos-ami-agent forget-rejected` allows them)"
+            );
         }
         if state.scripts.is_empty() {
             println!("scripts:      none ran on this instance");
@@ -87,6 +101,21 @@ fn print_run(title: &str, r: &RunRecord) {
             rb.policy.as_str(),
             rb.reason
         );
+    }
+    if let Some(h) = &r.health {
+        let state = match h.state {
+            HealthState::Pending => "pending (the gate did not finish)",
+            HealthState::Healthy => "healthy",
+            HealthState::Unhealthy => "unhealthy, kept",
+            HealthState::RolledBack => "unhealthy, rolled back",
+        };
+        println!("  health:     {state}");
+        for p in &h.problems {
+            println!("    problem:  {p}");
+        }
+        if let Some(rb) = &h.rollback {
+            println!("  rollback:   {rb}");
+        }
     }
     if let Some(m) = &r.message {
         println!("  message:    {m}");

@@ -1,10 +1,11 @@
 //! The programs a run drives, one file each: `determinate-nixd login aws`,
-//! `fh resolve --json`, `fh apply nixos`, and user-data scripts. All go
+//! `fh resolve --json`, `fh apply nixos`, the rollback, and user-data scripts. All go
 //! through [`crate::process`]; the retrying ones through [`crate::retry`].
 
 pub mod apply;
 pub mod login;
 pub mod resolve;
+pub mod rollback;
 pub mod script;
 
 use crate::process::ProcessError;

@@ -28,6 +28,7 @@ fn plain_token(raw: &str, max_len: usize) -> Result<(), String> {
     Ok(())
 }
 
+use crate::health::{Health, HealthLayer};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::PathBuf;
@@ -112,6 +113,7 @@ pub struct Document<A = serde::de::IgnoredAny> {
     pub action: Option<Action>,
     pub reboot: Option<RebootPolicy>,
     pub login: Option<bool>,
+    pub health: Option<crate::health::HealthDoc>,
     pub agent: Option<A>,
 }
 
@@ -123,6 +125,7 @@ impl<A> Default for Document<A> {
             action: None,
             reboot: None,
             login: None,
+            health: None,
             agent: None,
         }
     }
@@ -143,6 +146,7 @@ pub struct Layer {
     pub action: Option<Action>,
     pub reboot: Option<RebootPolicy>,
     pub login: Option<bool>,
+    pub health: HealthLayer,
 }
 
 /// A setting that was refused: which source, which key, why. The key and
@@ -214,12 +218,17 @@ impl Layer {
             })?)),
             (None, None) => None,
         };
+        let health = match doc.health {
+            Some(h) => HealthLayer::from_doc(h, &source)?,
+            None => HealthLayer::default(),
+        };
         Ok(Self {
             source,
             target,
             action: doc.action,
             reboot: doc.reboot,
             login: doc.login,
+            health,
         })
     }
 }
@@ -231,6 +240,10 @@ pub struct Settings {
     pub action: Sourced<Action>,
     pub reboot: Sourced<RebootPolicy>,
     pub login: Sourced<bool>,
+    /// The health gate, from the layers that were merged; after a switch
+    /// it is merged again with the new system's config file (see
+    /// [`crate::health`]).
+    pub health: Health,
 }
 
 impl Default for Settings {
@@ -249,6 +262,7 @@ impl Default for Settings {
                 value: true,
                 source: Source::Default,
             },
+            health: Health::default(),
         }
     }
 }
@@ -259,7 +273,9 @@ impl Settings {
     /// default `ssm-parameter`).
     pub fn merge<'a>(layers: impl IntoIterator<Item = &'a Layer>) -> Self {
         let mut s = Settings::default();
+        let mut health = vec![];
         for layer in layers {
+            health.push(&layer.health);
             if let Some(t) = &layer.target {
                 s.target = Some(Sourced {
                     value: t.clone(),
@@ -285,6 +301,7 @@ impl Settings {
                 };
             }
         }
+        s.health = Health::merge(health);
         s
     }
 
