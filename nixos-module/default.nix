@@ -11,8 +11,17 @@ let
   cfg = config.services.nixos-ami-agent;
   settingsFormat = pkgs.formats.toml { };
   # TOML has no null: unset options are left out, so the agent's own
-  # defaults apply.
-  settings = lib.filterAttrsRecursive (_: v: v != null) cfg.settings;
+  # defaults apply; also inside lists (health.commands, health.http),
+  # where lib.filterAttrsRecursive does not look.
+  clean =
+    v:
+    if builtins.isAttrs v then
+      lib.mapAttrs (_: clean) (lib.filterAttrs (_: x: x != null) v)
+    else if builtins.isList v then
+      map clean v
+    else
+      v;
+  settings = clean cfg.settings;
   noProxy = lib.concatStringsSep "," (
     [
       "169.254.169.254"

@@ -29,6 +29,16 @@ let
         ssm-parameter = "/fleets/web/target";
         reboot = "never";
         agent.retry-budget = "300s";
+        health = {
+          required-units = [ "nginx.service" ];
+          commands = [ { argv = [ "/run/current-system/sw/bin/true" ]; } ];
+          http = [
+            {
+              url = "http://127.0.0.1/healthz";
+              timeout = "5s";
+            }
+          ];
+        };
       };
     };
   };
@@ -116,6 +126,17 @@ let
   expected = builtins.toJSON {
     ssm-parameter = "/fleets/web/target";
     reboot = "never";
+    # Nulls inside the lists are left out too.
+    health = {
+      required-units = [ "nginx.service" ];
+      commands = [ { argv = [ "/run/current-system/sw/bin/true" ]; } ];
+      http = [
+        {
+          url = "http://127.0.0.1/healthz";
+          timeout = "5s";
+        }
+      ];
+    };
     agent = {
       fh = lib.getExe' cfg.fhPackage "fh";
       determinate-nixd = "/run/current-system/sw/bin/determinate-nixd";

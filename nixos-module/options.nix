@@ -101,6 +101,97 @@ in
             default = null;
             description = "Whether to run `determinate-nixd login aws` first; the agent's default is true.";
           };
+          health = mkOption {
+            default = { };
+            description = ''
+              The health gate after every `switch` or `test` that changed
+              the system: systemd settled, no unit newly failed, these
+              checks passed, all within `timeout`; otherwise the previous
+              system is put back and the target's store path rejected.
+              The agent reads this file again after each switch, so a
+              target configuration sets the checks it is judged by. User
+              data may set every key but `commands`.
+            '';
+            example = literalExpression ''
+              {
+                required-units = [ "nginx.service" ];
+                http = [ { url = "http://127.0.0.1/healthz"; } ];
+                commands = [ { argv = [ "''${pkgs.curl}/bin/curl" "-fsS" "http://127.0.0.1:9090/-/ready" ]; } ];
+              }
+            '';
+            type = types.submodule {
+              freeformType = settingsFormat.type;
+              options = {
+                timeout = mkOption {
+                  type = types.nullOr types.str;
+                  default = null;
+                  example = "5m";
+                  description = "The whole gate, checks and their retries included; the agent's default is 120s.";
+                };
+                required-units = mkOption {
+                  type = types.nullOr (types.listOf types.str);
+                  default = null;
+                  example = [ "nginx.service" ];
+                  description = "Units that must be active after the switch.";
+                };
+                commands = mkOption {
+                  default = null;
+                  description = ''
+                    Programs run after the switch (argv, no shell; the
+                    program by absolute path), healthy on exit 0; retried
+                    until they pass or the gate's timeout.
+                  '';
+                  type = types.nullOr (
+                    types.listOf (
+                      types.submodule {
+                        options = {
+                          argv = mkOption {
+                            type = types.nonEmptyListOf types.str;
+                            description = "The program (absolute path) and its arguments.";
+                          };
+                          timeout = mkOption {
+                            type = types.nullOr types.str;
+                            default = null;
+                            description = "Per attempt; the agent's default is 10s.";
+                          };
+                        };
+                      }
+                    )
+                  );
+                };
+                http = mkOption {
+                  default = null;
+                  description = ''
+                    Local URLs (127.0.0.1, [::1] or localhost, plain http)
+                    that must answer 2xx; retried until they do or the
+                    gate's timeout.
+                  '';
+                  type = types.nullOr (
+                    types.listOf (
+                      types.submodule {
+                        options = {
+                          url = mkOption {
+                            type = types.str;
+                            description = "The URL to GET.";
+                          };
+                          timeout = mkOption {
+                            type = types.nullOr types.str;
+                            default = null;
+                            description = "Per attempt; the agent's default is 10s.";
+                          };
+                        };
+                      }
+                    )
+                  );
+                };
+                rollback = mkOption {
+                  type = types.nullOr types.bool;
+                  default = null;
+                  description = "Whether an unhealthy system is rolled back (false: reported and kept); the agent's default is true.";
+                };
+              };
+            };
+          };
           agent = mkOption {
             default = { };
             description = "What only the image may set.";
