@@ -19,6 +19,7 @@ pub mod aws;
 pub mod cli;
 pub mod doctor;
 pub mod exit;
+pub mod gate;
 pub mod health;
 pub mod imds;
 pub mod log;

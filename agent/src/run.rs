@@ -4,7 +4,8 @@
 
 use crate::config::{Agent, Config};
 use crate::exit::Failure;
-use crate::health_rules::{Health, HealthLayer, Verdict};
+use crate::gate;
+use crate::health_rules::HealthLayer;
 use crate::imds::Imds;
 use crate::log;
 use crate::notify;
@@ -15,13 +16,13 @@ use crate::retry::Backoff;
 use crate::settings::{Action, OutputRef, Settings, SettingsError, Source, Target, parameter};
 use crate::ssm::Ssm;
 use crate::state::{
-    HealthRecord, HealthState, Outcome, Previous, RebootRecord, Rejected, RunRecord, ScriptRecord,
-    State, Store, TargetRecord,
+    HealthState, Outcome, Previous, RebootRecord, RunRecord, ScriptRecord, State, Store,
+    TargetRecord,
 };
 use crate::steps::{apply, login, resolve, script};
 use crate::system;
 use crate::userdata::{self, Digest, UserData};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tracing::{Instrument, Span, field};
 
 /// What the agent takes from its environment, read once at the edge.
@@ -342,6 +343,48 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
     let settings = settings(config, &ud);
     let no_health = Default::default();
     let user_health = ud.settings.as_ref().map_or(&no_health, |l| &l.health);
+    // What the last apply left to judge comes first: a target that broke
+    // the machine is rolled back before this run logs in, resolves or
+    // applies anything.
+    let this_boot = system::boot_id(&agent.boot_id);
+    if let Some(u) = gate::unconfirmed(&state, agent, this_boot.as_deref()) {
+        let applied = state
+            .last_applied
+            .clone()
+            .expect("unconfirmed comes from it");
+        record.target = applied.target.clone();
+        record.action = applied.action;
+        record.store_path = applied.store_path.clone();
+        let g = gate::Gate {
+            config,
+            store: &store,
+            user_health,
+            fallback: &settings.health,
+            redactor: &Redactor::default(),
+            target: &u.target,
+            flake: &u.flake,
+            mode: u.mode,
+            applied_started: &applied.started,
+        };
+        if let Err(e) = g.run(&mut state, &mut record, u.record).await {
+            let reboot_back = u.mode == gate::Mode::Booted
+                && matches!(e, Failure::RolledBack(_))
+                && settings.reboot.value != crate::settings::RebootPolicy::Never;
+            let failed = finish(&store, &mut state, record, Err(e), 0);
+            if reboot_back && crate::stop::requested().is_none() {
+                // The one reboot back into the previous system, recorded
+                // before it is asked for; the target is rejected, so the
+                // run in the previous system neither applies nor reboots.
+                if let Err(e) = reboot_if_needed(&store, &mut state, agent).await {
+                    tracing::error!("{e}");
+                }
+            }
+            return failed;
+        }
+        record.target = None;
+        record.action = None;
+        record.store_path = None;
+    }
     let converged = converge(
         &ctx,
         settings,
@@ -553,9 +596,8 @@ async fn converge(
     Span::current().record("store_path", tracing::field::display(target.display()));
     tracing::info!(step = resolve::STEP, store_path = %target.display(), "{shown} resolves to {}", target.display());
 
-    // Only what changes the running system can be judged by it now;
-    // `boot` is judged after the reboot.
-    let gated = matches!(action, Action::Switch | Action::Test);
+    // What changes the running system is judged now (and, if it needs a
+    // reboot, again after it); `boot` is judged after the reboot.
     let mut before_apply = None;
     let (outcome, mut message) = match plan::decide(action, &target, &system::view(agent)) {
         Decision::UpToDate { reason } => (Outcome::Unchanged, format!("nothing to do: {reason}")),
@@ -570,9 +612,7 @@ async fn converge(
                     target.display()
                 )));
             }
-            if gated {
-                before_apply = Some(before_switch(agent).await?);
-            }
+            before_apply = Some(gate::before_switch(agent).await?);
             state.last_run = Some(record.clone());
             store.save(state)?;
             notify::status(&format!("applying {shown}"));
@@ -638,6 +678,16 @@ async fn converge(
     }
     let reboot_needed = assessment.needed;
     record.reboot = Some(RebootRecord::new(r.settings.reboot.value, assessment));
+    if let Some(before) = &before_apply {
+        // On record with the apply itself: a run that dies before the
+        // gate ends leaves it pending, and the next run judges.
+        let mut h = gate::pending_record(before);
+        if action == Action::Boot {
+            h.state = HealthState::AwaitingBoot;
+            h.applied_boot = this_boot.clone();
+        }
+        record.health = Some(h);
+    }
     if outcome == Outcome::Applied {
         // Recorded as soon as it is verified, with its reboot need: the
         // scripts still to come may be killed, or fail to start, and the
@@ -647,17 +697,29 @@ async fn converge(
         state.last_applied = Some(applied);
         store.save(state)?;
     }
-    if let Some(before) = before_apply {
-        let fallback = &r.settings.health;
-        let g = Gate {
+    if let (Some(mut h), true) = (record.health.clone(), action != Action::Boot) {
+        let started = record.started.clone();
+        let g = gate::Gate {
+            config: ctx.config,
+            store,
             user_health,
-            fallback,
+            fallback: &r.settings.health,
             redactor: &r.redactor,
             target: &target,
             flake: &shown,
+            mode: gate::Mode::InPlace,
+            applied_started: &started,
         };
-        g.run(ctx, state, record, before).await?;
+        g.run(state, record, h.clone()).await?;
         message.push_str("; healthy");
+        if reboot_needed {
+            // Healthy now, on the old kernel: judged again in the system
+            // the reboot brings up.
+            h = record.health.clone().unwrap_or(h);
+            h.state = HealthState::AwaitingBoot;
+            h.applied_boot = this_boot.clone();
+            g.run_record(state, record, &h)?;
+        }
     }
     let id = match outcome {
         Outcome::Applied => log::message_id::APPLIED,
@@ -759,244 +821,4 @@ async fn run_scripts(
         store.save(state)?;
     }
     Ok(failures)
-}
-
-/// What the gate needs from before the apply: the system running then
-/// (where a rollback goes) and the units already failed.
-struct BeforeSwitch {
-    previous: Option<PathBuf>,
-    failed: Option<std::collections::BTreeSet<String>>,
-}
-
-async fn before_switch(agent: &Agent) -> Result<BeforeSwitch, Failure> {
-    let previous = system::canonical(&agent.current_system);
-    let failed = match crate::health::failed_units(std::time::Duration::from_secs(10)).await {
-        Ok(Ok(units)) => Some(units),
-        Ok(Err(why)) => {
-            tracing::warn!(
-                step = crate::health::STEP,
-                "the units failed before the apply could not be listed ({why}); after it, every failed unit counts"
-            );
-            None
-        }
-        Err(i) => {
-            return Err(Failure::Interrupted(format!(
-                "{i} before the apply started"
-            )));
-        }
-    };
-    Ok(BeforeSwitch { previous, failed })
-}
-
-/// The health gate after a `switch` or `test`, and the rollback when it
-/// fails. `Ok`: healthy. Unhealthy is a failure whether it was rolled
-/// back or kept (`health.rollback = false`, or the rollback failed).
-struct Gate<'a> {
-    user_health: &'a HealthLayer,
-    /// The settings the run started with: used when the new system's own
-    /// config file cannot be read.
-    fallback: &'a Health,
-    redactor: &'a Redactor,
-    target: &'a Path,
-    flake: &'a str,
-}
-
-impl Gate<'_> {
-    /// The gate's settings from the config file the running system carries
-    /// now (read again: the switch replaced /etc), under user data's.
-    fn settings(&self, ctx: &Context<'_>) -> Result<Health, String> {
-        match Config::load(&ctx.config.path, false) {
-            Ok(c) => Ok(Health::merge([&c.defaults.health, self.user_health])),
-            Err(e) => Err(format!("the running system's config file is invalid: {e}")),
-        }
-    }
-
-    async fn judge(
-        &self,
-        ctx: &Context<'_>,
-        before: &BeforeSwitch,
-    ) -> Result<(Verdict, bool), Failure> {
-        let agent = &ctx.config.agent;
-        let (health, problem) = match self.settings(ctx) {
-            Ok(h) => (h, None),
-            Err(p) => (self.fallback.clone(), Some(p)),
-        };
-        let mut verdict = crate::health::gate(
-            &health,
-            before.failed.as_ref(),
-            self.redactor,
-            &agent.current_system,
-        )
-        .await
-        .map_err(|i| {
-            Failure::Interrupted(format!(
-                "{i} during the health gate; the next run checks again"
-            ))
-        })?;
-        verdict.problems.extend(problem);
-        Ok((verdict, health.rollback))
-    }
-
-    async fn run(
-        &self,
-        ctx: &Context<'_>,
-        state: &mut State,
-        record: &mut RunRecord,
-        before: BeforeSwitch,
-    ) -> Result<(), Failure> {
-        let (agent, store) = (&ctx.config.agent, ctx.store);
-        let mut rec = HealthRecord {
-            state: HealthState::Pending,
-            problems: vec![],
-            previous: before.previous.as_ref().map(|p| p.display().to_string()),
-            failed_before: before.failed.iter().flatten().cloned().collect(),
-            rollback: None,
-            checked: None,
-        };
-        set_health(state, record, &rec);
-        store.save(state)?;
-        notify::status(&format!("checking the health of {}", self.flake));
-        tracing::info!(
-            step = crate::health::STEP,
-            "checking health after the switch"
-        );
-        let (verdict, rollback) = self.judge(ctx, &before).await?;
-        rec.checked = Some(crate::state::now());
-        rec.problems = verdict.problems.clone();
-        if verdict.healthy() {
-            rec.state = HealthState::Healthy;
-            set_health(state, record, &rec);
-            store.save(state)?;
-            tracing::info!(step = crate::health::STEP, "healthy");
-            return Ok(());
-        }
-        let problems = verdict.problems.join("; ");
-        tracing::error!(
-            step = crate::health::STEP,
-            "unhealthy after the switch: {problems}"
-        );
-        let reject = |state: &mut State| {
-            state.reject(Rejected {
-                store_path: self.target.display().to_string(),
-                flake: Some(self.flake.to_owned()),
-                at: crate::state::now(),
-                reason: problems.clone(),
-            })
-        };
-        if !rollback {
-            rec.state = HealthState::Unhealthy;
-            set_health(state, record, &rec);
-            store.save(state)?;
-            return Err(Failure::Unhealthy(format!(
-                "unhealthy after switching to {}, kept (health.rollback = false): {problems}",
-                self.target.display()
-            )));
-        }
-        let Some(previous) = before.previous.clone() else {
-            rec.state = HealthState::Unhealthy;
-            rec.rollback = Some("not possible: the system before the apply is not known".into());
-            set_health(state, record, &rec);
-            reject(state);
-            store.save(state)?;
-            return Err(Failure::Unhealthy(format!(
-                "unhealthy after switching to {}, and no previous system to roll back to: {problems}",
-                self.target.display()
-            )));
-        };
-        notify::status(&format!(
-            "unhealthy; rolling back to {}",
-            previous.display()
-        ));
-        tracing::warn!(
-            step = crate::steps::rollback::STEP,
-            "rolling back to {}",
-            previous.display()
-        );
-        // Rejected before the rollback starts: whatever happens to the
-        // rollback, no run applies this store path again on its own.
-        reject(state);
-        store.save(state)?;
-        let rolled = crate::steps::rollback::rollback(agent, self.redactor, &previous).await;
-        let now = system::canonical(&agent.current_system);
-        let failed = match (rolled, now.as_deref() == Some(previous.as_path())) {
-            (Err(e), _) => Some(e.to_string()),
-            (Ok(()), false) => Some(format!(
-                "the running system is {} after it, not {}",
-                now.as_deref()
-                    .map_or("absent".into(), |p| p.display().to_string()),
-                previous.display()
-            )),
-            (Ok(()), true) => None,
-        };
-        if let Some(why) = failed {
-            rec.state = HealthState::Unhealthy;
-            rec.rollback = Some(format!("failed: {why}"));
-            set_health(state, record, &rec);
-            store.save(state)?;
-            return Err(Failure::Unhealthy(format!(
-                "unhealthy after switching to {} ({problems}), and the rollback to {} failed: {why}",
-                self.target.display(),
-                previous.display()
-            )));
-        }
-        // The previous system is judged too, and said: the operator needs
-        // to know whether what runs now is healthy.
-        let (after, _) = self.judge(ctx, &before).await?;
-        rec.state = HealthState::RolledBack;
-        rec.rollback = Some(format!(
-            "rolled back to {}; it is {}",
-            previous.display(),
-            after.summary()
-        ));
-        set_health(state, record, &rec);
-        // Back on the previous system, in place: no reboot for the target.
-        record.reboot = None;
-        if let Some(a) = state.last_applied.as_mut() {
-            a.reboot = None;
-        }
-        store.save(state)?;
-        if after.healthy() {
-            tracing::info!(
-                step = crate::health::STEP,
-                "the previous system {} is healthy",
-                previous.display()
-            );
-        } else {
-            tracing::error!(
-                step = crate::health::STEP,
-                "the previous system {} is {} too",
-                previous.display(),
-                after.summary()
-            );
-        }
-        tracing::error!(
-            message_id = log::message_id::ROLLED_BACK,
-            store_path = %self.target.display(),
-            previous = %previous.display(),
-            "rolled back from {} to {}: {problems}",
-            self.target.display(),
-            previous.display()
-        );
-        Err(Failure::RolledBack(format!(
-            "unhealthy after switching to {} ({problems}); rolled back to {}, which is {}; \
-             the store path is rejected",
-            self.target.display(),
-            previous.display(),
-            after.summary()
-        )))
-    }
-}
-
-/// The gate's record, in this run's record and in the last applied one
-/// (the same apply).
-fn set_health(state: &mut State, record: &mut RunRecord, h: &HealthRecord) {
-    record.health = Some(h.clone());
-    state.last_run = Some(record.clone());
-    if let Some(a) = state
-        .last_applied
-        .as_mut()
-        .filter(|a| a.started == record.started)
-    {
-        a.health = Some(h.clone());
-    }
 }

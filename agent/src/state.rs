@@ -115,6 +115,9 @@ pub struct RunRecord {
 pub enum HealthState {
     /// Recorded before the gate starts: seen later, the gate never ended.
     Pending,
+    /// Applied for the next boot (`boot`, or a `switch` that needs a
+    /// reboot): judged by the first run in the system it boots into.
+    AwaitingBoot,
     Healthy,
     /// Unhealthy and kept (`health.rollback = false`, or the rollback
     /// itself failed).
@@ -140,6 +143,10 @@ pub struct HealthRecord {
     pub rollback: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checked: Option<String>,
+    /// The boot in which it was applied ([`HealthState::AwaitingBoot`]):
+    /// only a run in a later boot judges it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_boot: Option<String>,
 }
 
 /// A store path that was rolled back: no later run applies it again,

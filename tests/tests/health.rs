@@ -388,5 +388,161 @@ fn boot_is_not_judged_before_the_reboot() {
     s.units_on("new-system", &[("web.service", "failed")]);
     let out = s.run(&["run"]);
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(s.state()["last-run"].get("health").is_none());
+    assert_eq!(s.state()["last-run"]["health"]["state"], "awaiting-boot");
+    assert_eq!(s.switch_lines().len(), 1, "no rollback");
+}
+
+/// What the machine does when it reboots: a new boot ID, and the boot
+/// default becomes the booted and the running system.
+fn reboot_into_profile(s: &Scenario) {
+    s.new_boot();
+    let profile = s.system_profile();
+    for link in ["run/booted-system", "run/current-system"] {
+        std::fs::remove_file(s.path(link)).unwrap();
+        std::os::unix::fs::symlink(&profile, s.path(link)).unwrap();
+    }
+}
+
+#[test]
+fn boot_is_judged_after_the_reboot_and_rolled_back_with_one_more() {
+    let mut s = scenario("action = \"boot\"");
+    s.with_bus(true, false);
+    s.units_on("new-system", &[("web.service", "failed")]);
+    let first = s.run(&["run"]);
+    assert_eq!(first.code, 0, "{first:?}");
+    assert_eq!(
+        s.state()["last-applied"]["health"]["state"],
+        "awaiting-boot"
+    );
+    assert_eq!(s.reboot_requests().len(), 1);
+
+    // Not judged in the same boot (the reboot is asked for again).
+    let same_boot = s.run(&["run"]);
+    assert_eq!(same_boot.code, 0, "{same_boot:?}");
+    assert_eq!(
+        s.state()["last-applied"]["health"]["state"],
+        "awaiting-boot"
+    );
+    assert_eq!(s.reboot_requests().len(), 2);
+
+    reboot_into_profile(&s);
+    let after = s.run(&["run"]);
+    assert_eq!(after.code, 1, "{after:?}");
+    assert!(
+        after.stderr.contains("unhealthy after booting into"),
+        "{after:?}"
+    );
+    assert!(after.stderr.contains(ROLLED_BACK_ID), "{after:?}");
+    assert_eq!(
+        s.switch_lines().last().unwrap(),
+        "switch-to-configuration old-system boot"
+    );
+    assert_eq!(s.system_profile(), s.store_path("old-system"));
+    assert_eq!(s.reboot_requests().len(), 3, "one reboot back");
+    let state = s.state();
+    assert_eq!(state["last-applied"]["health"]["state"], "rolled-back");
+    assert_eq!(state["last-run"]["reboot"]["requested"], true, "{state}");
+    // Judged before anything else: no login, no resolve in that run.
+    assert_eq!(
+        s.call_lines()
+            .iter()
+            .filter(|l| l.starts_with("determinate-nixd"))
+            .count(),
+        2,
+        "{:?}",
+        s.call_lines()
+    );
+
+    // Back on the previous system: the target is rejected, nothing is
+    // applied, and no further reboot (no loop).
+    reboot_into_profile(&s);
+    let back = s.run(&["run"]);
+    assert_eq!(back.code, 65, "{back:?}");
+    assert!(back.stderr.contains("was rolled back at"), "{back:?}");
+    assert_eq!(s.reboot_requests().len(), 3);
+    assert_eq!(applies(&s), 1);
+    assert_eq!(s.current_system(), s.store_path("old-system"));
+}
+
+#[test]
+fn a_healthy_boot_is_confirmed_once() {
+    let mut s = scenario("action = \"boot\"");
+    s.with_bus(true, false);
+    assert_eq!(s.run(&["run"]).code, 0);
+    reboot_into_profile(&s);
+    let after = s.run(&["run"]);
+    assert_eq!(after.code, 0, "{after:?}");
+    assert!(
+        after
+            .stderr
+            .contains("checking its health before anything else")
+    );
+    assert!(after.stderr.contains("nothing to do"), "{after:?}");
+    assert_eq!(s.state()["last-applied"]["health"]["state"], "healthy");
+    let again = s.run(&["run"]);
+    assert!(!again.stderr.contains("checking its health"), "{again:?}");
+}
+
+#[test]
+fn a_switch_that_needs_a_reboot_is_judged_before_and_after_it() {
+    let s = Scenario::new();
+    s.user_data(toml_user_data(&format!(
+        "flake = \"{}\"",
+        nixos_ami_agent_tests::harness::REF_NEW_KERNEL
+    )));
+    let mut s = s;
+    s.with_bus(true, false);
+    let first = s.run(&["run"]);
+    assert_eq!(first.code, 0, "{first:?}");
+    assert!(first.stdout.contains("healthy"), "{first:?}");
+    assert_eq!(
+        s.state()["last-applied"]["health"]["state"],
+        "awaiting-boot"
+    );
+    // The new kernel brings a failing unit.
+    s.units_on("kernel-system", &[("driver.service", "failed")]);
+    reboot_into_profile(&s);
+    let after = s.run(&["run"]);
+    assert_eq!(after.code, 1, "{after:?}");
+    assert!(after.stderr.contains("failed units: driver.service"));
+    assert_eq!(s.system_profile(), s.store_path("old-system"));
+    assert_eq!(s.reboot_requests().len(), 2);
+}
+
+#[test]
+fn a_gate_that_did_not_finish_is_run_by_the_next_run() {
+    let mut s = scenario("");
+    let ready = s.path("ready");
+    let started = s.path("check-started");
+    with_command(
+        &mut s,
+        &format!(
+            "touch {}; while [ ! -e {} ]; do sleep 0.1; done",
+            started.display(),
+            ready.display()
+        ),
+    );
+    s.defaults = s.defaults.replace("timeout = \"2s\"", "timeout = \"60s\"");
+    s.defaults = s.defaults.replace("timeout = \"5s\"", "timeout = \"60s\"");
+    let child = s.spawn(&["run"]);
+    let t = std::time::Instant::now();
+    while !started.exists() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(30));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: a signal to the agent we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = nixos_ami_agent_tests::harness::finish(child, std::time::Duration::from_secs(30));
+    assert_eq!(out.code, 75, "{out:?}");
+    assert_eq!(s.state()["last-applied"]["health"]["state"], "pending");
+
+    std::fs::write(&ready, "").unwrap();
+    let next = s.run(&["run"]);
+    assert_eq!(next.code, 0, "{next:?}");
+    assert!(
+        next.stderr.contains("checking health after the switch"),
+        "{next:?}"
+    );
+    assert_eq!(s.state()["last-applied"]["health"]["state"], "healthy");
+    assert_eq!(applies(&s), 1, "judged, not applied again");
 }

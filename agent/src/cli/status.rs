@@ -104,7 +104,8 @@ fn print_run(title: &str, r: &RunRecord) {
     }
     if let Some(h) = &r.health {
         let state = match h.state {
-            HealthState::Pending => "pending (the gate did not finish)",
+            HealthState::Pending => "pending (the gate did not finish; the next run checks)",
+            HealthState::AwaitingBoot => "judged after the reboot into it",
             HealthState::Healthy => "healthy",
             HealthState::Unhealthy => "unhealthy, kept",
             HealthState::RolledBack => "unhealthy, rolled back",

@@ -3,7 +3,8 @@
 //! set with `nix-env -p PROFILE --set PATH`, then the system's own
 //! `PATH/bin/switch-to-configuration ACTION` activates it):
 //! `nix-env --profile PROFILE --set PREV`, then
-//! `PREV/bin/switch-to-configuration switch`. Its exit status is logged,
+//! `PREV/bin/switch-to-configuration ACTION` (`switch` in place, `boot`
+//! when the unhealthy system is the booted one). Its exit status is logged,
 //! not trusted either way (a unit failing under PREV makes it non-zero,
 //! and that is the gate's to judge); the links are verified after it.
 
@@ -19,6 +20,7 @@ pub async fn rollback(
     agent: &Agent,
     redactor: &Redactor,
     previous: &Path,
+    action: &'static str,
 ) -> Result<(), StepError> {
     let switch = previous.join("bin/switch-to-configuration");
     for p in [&agent.nix_env, &switch] {
@@ -41,7 +43,7 @@ pub async fn rollback(
         });
     }
     let activate = Program::new(&switch, STEP, agent.apply_timeout)
-        .args(["switch"])
+        .args([action])
         .system_path(previous);
     let out = process::run(&activate, redactor)
         .await
@@ -49,7 +51,7 @@ pub async fn rollback(
     if !out.status.success() {
         tracing::warn!(
             step = STEP,
-            "switch-to-configuration switch of the previous system ended with {} (units may have failed; the gate will say)",
+            "switch-to-configuration {action} of the previous system ended with {} (units may have failed; the gate will say)",
             describe(out.status)
         );
     }
