@@ -14,5 +14,6 @@ in
   vm-watch-timer = call ./watch-timer.nix;
   vm-shebang-user-data = call ./shebang-user-data.nix;
   vm-bad-user-data = call ./bad-user-data.nix;
+  vm-health-rollback = call ./health-rollback.nix;
   vm-ami = import ./ami.nix { inherit pkgs self common; };
 }

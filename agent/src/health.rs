@@ -43,8 +43,17 @@ async fn manager(deadline: Instant) -> Result<Result<zbus::Connection, String>, 
     .await
 }
 
+/// The failed units' names, leaving out those without a unit file in the
+/// running configuration (load state `not-found`): systemd keeps a unit
+/// that failed in memory, failed, after a switch removed it, and a unit
+/// the running system does not have is not its failure (after a
+/// rollback, the rejected target's units are such).
 fn names(units: Vec<systemd::UnitStatus>) -> BTreeSet<String> {
-    units.into_iter().map(|u| u.0).collect()
+    units
+        .into_iter()
+        .filter(|u| u.2 != "not-found")
+        .map(|u| u.0)
+        .collect()
 }
 
 /// The units failed now: the "before" of a gate, taken just before the
@@ -69,6 +78,14 @@ pub async fn failed_units(
     .await?
     .map(names))
 }
+
+/// The agent's units. A job of the other one is a run waiting for this
+/// one's lock (a switch resets failed units and starts the active targets
+/// again, so a boot unit whose run failed is started by the next switch,
+/// switch-to-configuration-ng's "Forget about previously failed
+/// services"): it ends only after this run, so waiting for it would hold
+/// the gate until its own timeout.
+const AGENT_UNITS: [&str; 2] = ["nixos-ami-agent.service", "nixos-ami-agent-run.service"];
 
 /// Until systemd has settled after the switch, or the deadline.
 ///
@@ -103,7 +120,11 @@ async fn settle(
         };
         let busy: Vec<&str> = jobs
             .iter()
-            .filter(|j| j.3 == "running" && Some(&j.5) != own.as_ref())
+            .filter(|j| {
+                j.3 == "running"
+                    && Some(&j.5) != own.as_ref()
+                    && !AGENT_UNITS.contains(&j.1.as_str())
+            })
             .map(|j| j.1.as_str())
             .collect();
         quiet = if busy.is_empty() { quiet + 1 } else { 0 };

@@ -17,6 +17,11 @@ pub const REF: &str = "my-org/web/0.1#nixosConfigurations.web";
 pub const REF_NEW_KERNEL: &str = "my-org/web/0.2#nixosConfigurations.web";
 /// Resolves to a third system with the booted kernel.
 pub const REF_NEXT: &str = "my-org/web/0.3#nixosConfigurations.web";
+/// Resolves to a system whose switch starts a unit that fails.
+pub const REF_BROKEN: &str = "my-org/web/0.4#nixosConfigurations.web";
+/// Resolves to a system with another kernel whose unit fails only once
+/// it is the booted system: healthy in place, unhealthy after the reboot.
+pub const REF_BROKEN_AFTER_REBOOT: &str = "my-org/web/0.5#nixosConfigurations.web";
 pub const INSTANCE_ID: &str = "i-0c0ffee0c0ffee000";
 const FAKE: &str = "/var/lib/fake-nixos";
 /// Off every PATH: only the fake systems' `sw/bin` links to it.
@@ -198,7 +203,8 @@ impl Container {
             format!(
                 "[agent]\nfh = \"/usr/local/bin/fh\"\ndeterminate-nixd = \"/usr/local/bin/determinate-nixd\"\n\
                  current-system = \"{FAKE}/current-system\"\nbooted-system = \"{FAKE}/booted-system\"\n\
-                 system-profile = \"{FAKE}/profile\"\nretry-budget = \"30s\"\n"
+                 system-profile = \"{FAKE}/profile\"\nnix-env = \"{FAKE}/current-system/sw/bin/nix-env\"\n\
+                 retry-budget = \"30s\"\n"
             ),
         );
 
@@ -224,6 +230,8 @@ impl Container {
             ("new-system", "1"),
             ("kernel-system", "2"),
             ("next-system", "1"),
+            ("broken-system", "1"),
+            ("late-broken-system", "2"),
         ] {
             let s = format!("{FAKE}/store/{system}");
             std::fs::create_dir_all(self.path(&s)).unwrap();
@@ -265,7 +273,9 @@ impl Container {
                  DefaultDependencies=no\nAfter=local-fs.target\n\n\
                  [Service]\nType=oneshot\n\
                  ExecStart=/bin/sh -c 'ln -sfn $(readlink -f {FAKE}/profile) {FAKE}/booted-system && \
-                 ln -sfn $(readlink -f {FAKE}/profile) {FAKE}/current-system'\n\n\
+                 ln -sfn $(readlink -f {FAKE}/profile) {FAKE}/current-system'\n\
+                 # Stage 2 activates the booted system: its units are there.\n\
+                 ExecStart=-/bin/sh -c '\"$(readlink -f {FAKE}/booted-system)/bin/switch-to-configuration\" test'\n\n\
                  [Install]\nWantedBy=multi-user.target\n"
             ),
         );
@@ -274,11 +284,27 @@ impl Container {
             (REF, "new-system"),
             (REF_NEW_KERNEL, "kernel-system"),
             (REF_NEXT, "next-system"),
+            (REF_BROKEN, "broken-system"),
+            (REF_BROKEN_AFTER_REBOOT, "late-broken-system"),
         ] {
             self.behaviour
                 .store_paths
                 .insert(r.into(), format!("{FAKE}/store/{system}").into());
         }
+        // The units a system brings, started by its switch-to-configuration
+        // under the container's systemd.
+        self.write(
+            &format!("{FAKE}/store/broken-system/units/web.service"),
+            "[Service]\nType=oneshot\nExecStart=/bin/false\n",
+        );
+        self.write(
+            &format!("{FAKE}/store/late-broken-system/units/driver.service"),
+            format!(
+                "[Service]\nType=oneshot\nRemainAfterExit=yes\n\
+                 ExecStart=/bin/sh -c 'test \"$(readlink -f {FAKE}/booted-system)\" != {FAKE}/store/late-broken-system'\n"
+            ),
+        );
+        self.behaviour.unit_dir = Some("/run/systemd/system".into());
         self.behaviour.current_system = format!("{FAKE}/current-system").into();
         self.behaviour.system_profile = format!("{FAKE}/profile").into();
 

@@ -153,6 +153,9 @@ impl Systemd1 {
             jobs.push(job(1, OWN_UNIT, "start", "running"));
             jobs.push(job(2, "multi-user.target", "start", "waiting"));
         }
+        if b.sibling_waiting {
+            jobs.push(job(4, "nixos-ami-agent-run.service", "start", "running"));
+        }
         if n <= b.busy_polls {
             jobs.push(job(3, "restarting.service", "restart", "running"));
         }

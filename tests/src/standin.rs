@@ -66,6 +66,14 @@ pub struct Behaviour {
     /// (running) and `multi-user.target` waiting for it, as during the
     /// boot that runs the agent's boot unit.
     pub booting: bool,
+    /// The queue also holds a running start job of the agent's other unit
+    /// (a run waiting for this one's lock).
+    pub sibling_waiting: bool,
+    /// Under a real systemd (the boot-test containers): the directory
+    /// where `switch-to-configuration` puts a system's `units/*`, starting
+    /// them and stopping and removing the previous system's, as the real
+    /// one does with the units of `etc/systemd/system`.
+    pub unit_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -462,13 +470,65 @@ pub fn switch_main() -> ! {
     if matches!(action, "switch" | "test") {
         point(&b.current_system, &system);
     }
-    let failed = b
-        .units
-        .get(&name)
-        .is_some_and(|u| u.values().any(|s| s == "failed"));
+    let started_failed = match (&b.unit_dir, action) {
+        (Some(dir), "switch" | "test") => activate_units(dir, &system),
+        _ => false,
+    };
+    let failed = started_failed
+        || b.units
+            .get(&name)
+            .is_some_and(|u| u.values().any(|s| s == "failed"));
     if failed && action != "boot" {
         eprintln!("warning: the following units failed: (stand-in)");
         std::process::exit(4)
     }
     std::process::exit(0)
+}
+
+/// Makes `system/units/*` the units in `dir` under the running systemd:
+/// units of the previous system (listed in `dir/.standin-units`) that this
+/// one lacks are stopped and removed, this one's are written, systemd
+/// reloads, and each is (re)started. Whether a start failed.
+fn activate_units(dir: &Path, system: &Path) -> bool {
+    let systemctl = |args: &[&str]| {
+        std::process::Command::new("systemctl")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let manifest = dir.join(".standin-units");
+    let old: Vec<String> = std::fs::read_to_string(&manifest)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let mut new: Vec<(String, PathBuf)> = std::fs::read_dir(system.join("units"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect();
+    new.sort();
+    if old.is_empty() && new.is_empty() {
+        return false;
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    for u in old.iter().filter(|u| !new.iter().any(|(n, _)| n == *u)) {
+        systemctl(&["stop", u]);
+        let _ = std::fs::remove_file(dir.join(u));
+    }
+    for (u, src) in &new {
+        std::fs::copy(src, dir.join(u)).unwrap();
+    }
+    let names: Vec<&str> = new.iter().map(|(n, _)| n.as_str()).collect();
+    std::fs::write(&manifest, names.join("\n")).unwrap();
+    systemctl(&["daemon-reload"]);
+    let mut failed = false;
+    for u in names {
+        if !systemctl(&["restart", u]) {
+            eprintln!("Failed to restart {u}");
+            failed = true;
+        }
+    }
+    failed
 }

@@ -5,7 +5,8 @@
 //! says loudly when it does not.
 
 use nixos_ami_agent_tests::container::{
-    Container, INSTANCE_ID, REF, REF_NEW_KERNEL, REF_NEXT, unavailable,
+    Container, INSTANCE_ID, REF, REF_BROKEN, REF_BROKEN_AFTER_REBOOT, REF_NEW_KERNEL, REF_NEXT,
+    unavailable,
 };
 use nixos_ami_agent_tests::harness::toml_user_data;
 use nixos_ami_agent_tests::imds::TOKEN_PREFIX;
@@ -14,6 +15,8 @@ use std::time::Duration;
 const APPLIED: &str = "3f88d658b85143fcbb03f62a0a791e73";
 const NOTHING_TO_DO: &str = "9e9b458c8dc141e9a75f3eb338906dc8";
 const FAILED: &str = "07dbe6e6e7384bc8a3aedd0784ddc7c8";
+const ROLLED_BACK: &str = "71e23dba107e468494c831ed1fa05bbc";
+const FAKE_STORE: &str = "/var/lib/fake-nixos/store";
 const LIMIT: Duration = Duration::from_secs(120);
 
 fn skip() -> bool {
@@ -131,7 +134,14 @@ fn bad_user_data_fails_with_65_and_is_not_restarted() {
         "0",
         "65 is permanent: RestartPreventExitStatus"
     );
-    assert!(c.calls().is_empty(), "{:?}", c.calls());
+    // Only the boot's own activation of the booted system ran.
+    assert!(
+        c.calls()
+            .iter()
+            .all(|x| x.prog == "switch-to-configuration" && x.argv == ["old-system", "test"]),
+        "{:?}",
+        c.calls()
+    );
     let journal = c.journal();
     let failed = events(&journal, FAILED);
     assert_eq!(failed.len(), 1, "{}", c.journal_text());
@@ -368,4 +378,157 @@ fn a_switch_by_someone_else_starts_no_second_run() {
         "the boot run stays active (exited): {after}"
     );
     assert!(after.contains("run-exit=0"), "{after}");
+}
+
+fn applies(c: &Container) -> usize {
+    c.call_lines()
+        .iter()
+        .filter(|l| l.starts_with("fh apply"))
+        .count()
+}
+
+fn running_system(c: &Container, link: &str) -> String {
+    std::fs::read_link(c.path(&format!("/var/lib/fake-nixos/{link}")))
+        .unwrap()
+        .display()
+        .to_string()
+}
+
+// Under a real systemd: the target's switch starts a unit that fails.
+// Rolled back in place; the unit file is gone; the restart and the next
+// timer run do not apply it again.
+#[test]
+#[ignore = "boots containers: needs root and systemd-nspawn (scripts/test runs it)"]
+fn a_switch_that_fails_a_unit_is_rolled_back() {
+    if skip() {
+        return;
+    }
+    let mut c = Container::new(Some(&toml_user_data(&format!("flake = \"{REF_BROKEN}\""))));
+    c.enable_timer("2s", "1s");
+    c.wait_for("journalctl -o cat -u nixos-ami-agent-run.service | grep -q 'was rolled back at'");
+    c.after_settled(
+        "systemctl show -p LoadState -p ActiveState web.service; ls /run/systemd/system",
+    );
+    assert_eq!(c.boot(LIMIT, |_| {}), 0, "{}", c.console());
+    let boots = c.boot_ids();
+    assert_eq!(boots.len(), 1, "no reboot");
+    let journal = c.journal();
+    assert_eq!(
+        events(&journal, ROLLED_BACK).len(),
+        1,
+        "{}",
+        c.journal_text()
+    );
+    assert_eq!(applies(&c), 1, "{}", c.journal_text());
+    assert_eq!(
+        running_system(&c, "current-system"),
+        format!("{FAKE_STORE}/old-system")
+    );
+    assert_eq!(
+        running_system(&c, "profile"),
+        format!("{FAKE_STORE}/old-system")
+    );
+    // The boot unit: rolled back (1), restarted, then rejected (65, not
+    // restarted again).
+    assert_eq!(
+        c.show(&boots[0], "ExecMainStatus"),
+        "65",
+        "{}",
+        c.report(&boots[0]).0
+    );
+    let after =
+        std::fs::read_to_string(c.path(&format!("/var/lib/test-report/{}.after", boots[0])))
+            .unwrap();
+    assert!(
+        after.contains("LoadState=not-found"),
+        "the unit file is gone: {after}"
+    );
+    let state = c.state();
+    assert_eq!(
+        state["rejected"][0]["store-path"],
+        format!("{FAKE_STORE}/broken-system"),
+        "{state}"
+    );
+    let health = &state["last-applied"]["health"];
+    assert_eq!(health["state"], "rolled-back", "{state}");
+    assert!(
+        health["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("web.service"),
+        "{health}"
+    );
+    // The previous system, judged under real systemd after the rollback:
+    // the removed unit that failed is not held against it.
+    assert!(
+        health["rollback"]
+            .as_str()
+            .unwrap()
+            .ends_with("it is healthy"),
+        "{health}"
+    );
+}
+
+#[test]
+#[ignore = "boots containers: needs root and systemd-nspawn (scripts/test runs it)"]
+fn a_failing_http_check_rolls_back() {
+    if skip() {
+        return;
+    }
+    let mut c = Container::new(Some(&toml_user_data(&format!(
+        "flake = \"{REF}\"\n[health]\ntimeout = \"3s\"\nhttp = [{{ url = \"http://127.0.0.1:9/healthz\" }}]"
+    ))));
+    assert_eq!(c.boot(LIMIT, |_| {}), 0, "{}", c.console());
+    assert_eq!(
+        running_system(&c, "current-system"),
+        format!("{FAKE_STORE}/old-system")
+    );
+    let state = c.state();
+    assert_eq!(state["last-applied"]["health"]["state"], "rolled-back");
+    assert!(
+        state["last-applied"]["health"]["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("GET http://127.0.0.1:9/healthz"),
+        "{state}"
+    );
+    assert_eq!(applies(&c), 1);
+}
+
+// Healthy in place on the old kernel; after the reboot into it a unit
+// fails: back on the previous system after one more reboot, and no loop.
+#[test]
+#[ignore = "boots containers: needs root and systemd-nspawn (scripts/test runs it)"]
+fn unhealthy_after_the_reboot_goes_back_with_one_more() {
+    if skip() {
+        return;
+    }
+    let mut c = Container::new(Some(&toml_user_data(&format!(
+        "flake = \"{REF_BROKEN_AFTER_REBOOT}\""
+    ))));
+    assert_eq!(c.boot(LIMIT, |_| {}), 0, "{}", c.console());
+    assert_eq!(c.boots, 3, "two reboots, then none:\n{}", c.journal_text());
+    let boots = c.boot_ids();
+    assert_eq!(boots.len(), 3);
+    let journal = c.journal();
+    let rolled: Vec<_> = events(&journal, ROLLED_BACK)
+        .into_iter()
+        .map(|e| field(e, "_BOOT_ID").to_owned())
+        .collect();
+    assert_eq!(rolled, [boots[1].clone()], "{}", c.journal_text());
+    assert_eq!(applies(&c), 1);
+    assert_eq!(
+        running_system(&c, "booted-system"),
+        format!("{FAKE_STORE}/old-system")
+    );
+    assert_eq!(c.show(&boots[2], "ExecMainStatus"), "65");
+    let state = c.state();
+    assert_eq!(state["last-applied"]["health"]["state"], "rolled-back");
+    assert!(
+        state["last-applied"]["health"]["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("driver.service"),
+        "{state}"
+    );
 }

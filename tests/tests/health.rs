@@ -366,6 +366,13 @@ fn the_gate_waits_for_the_job_queue() {
     let out = s.run(&["run"]);
     assert_eq!(out.code, 0, "{out:?}");
 
+    // The agent's other unit waiting for this run's lock (a switch
+    // started a failed boot unit again): not waited for.
+    let mut s = scenario("[health]\ntimeout = \"3s\"");
+    s.behaviour.sibling_waiting = true;
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+
     // A queue that never drains: not settled within health.timeout.
     let mut s = scenario("[health]\ntimeout = \"2s\"");
     s.behaviour.busy_polls = u32::MAX;
