@@ -16,11 +16,13 @@ use crate::notify;
 use crate::redact::Redactor;
 use crate::state::{HealthRecord, HealthState, RebootRecord, Rejected, RunRecord, State, Store};
 use crate::system;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// Where the system under judgement is, and so how it is rolled back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Running since a switch in this boot: rolled back in place
     /// (`switch-to-configuration switch`), then the previous system judged.
@@ -67,46 +69,119 @@ pub fn pending_record(before: &BeforeSwitch) -> HealthRecord {
         rollback: None,
         checked: None,
         applied_boot: None,
+        mode: Some(Mode::InPlace),
+        reboot_boot: None,
     }
 }
 
-/// A judgement the last apply left for this run: a gate that did not
-/// finish, or the first run in the system it rebooted into.
+/// What is left to do about the last apply, found at the start of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Judge it (the gate did not finish, or this is the boot it awaited).
+    Judge,
+    /// It was judged unhealthy and the rollback did not finish (stopped,
+    /// crashed, or failed): finish it, the verdict stands.
+    RollBack,
+    /// Rolled back as the boot default, but this boot still runs it: the
+    /// reboot back was not carried out.
+    RebootBack,
+}
+
 pub struct Unconfirmed {
+    pub step: Step,
     pub mode: Mode,
     pub target: PathBuf,
     pub flake: String,
     pub record: HealthRecord,
+    /// When the apply started: its records are updated.
+    pub started: String,
 }
 
-/// What the last apply left unconfirmed that this run can confirm.
-/// `this_boot`: the kernel's boot ID, to tell a reboot happened.
-pub fn unconfirmed(state: &State, agent: &Agent, this_boot: Option<&str>) -> Option<Unconfirmed> {
-    let applied = state.last_applied.as_ref()?;
+/// What the last apply left that this run must do first. `previous_run`:
+/// the run before this one (it may have died between its switch and the
+/// record of its apply); `this_boot`: the kernel's boot ID.
+pub fn unconfirmed(
+    state: &State,
+    previous_run: Option<&RunRecord>,
+    agent: &Agent,
+    this_boot: Option<&str>,
+) -> Option<Unconfirmed> {
+    let open = |r: &&RunRecord| {
+        r.health.as_ref().is_some_and(|h| {
+            matches!(
+                h.state,
+                HealthState::Pending | HealthState::RollingBack | HealthState::AwaitingBoot
+            )
+        })
+    };
+    previous_run
+        .filter(open)
+        .and_then(|r| left_by(r, agent, this_boot))
+        .or_else(|| {
+            state
+                .last_applied
+                .as_ref()
+                .and_then(|r| left_by(r, agent, this_boot))
+        })
+}
+
+/// What `applied` (a run that applied, or started to) left to do.
+fn left_by(applied: &RunRecord, agent: &Agent, this_boot: Option<&str>) -> Option<Unconfirmed> {
     let h = applied.health.as_ref()?;
     let target = PathBuf::from(applied.store_path.as_deref()?);
     let is = |p: &Path| system::canonical(p).as_deref() == Some(target.as_path());
-    let mode = match h.state {
-        HealthState::Pending if is(&agent.current_system) => Mode::InPlace,
-        HealthState::AwaitingBoot
-            if is(&agent.booted_system)
-                && is(&agent.current_system)
+    let mode = h.mode.unwrap_or(Mode::InPlace);
+    let booted_in = is(&agent.booted_system) && is(&agent.current_system);
+    let step = match (h.state, mode) {
+        (HealthState::Pending, Mode::InPlace) if is(&agent.current_system) => Step::Judge,
+        (HealthState::Pending, Mode::Booted) if booted_in => Step::Judge,
+        (HealthState::AwaitingBoot, _)
+            if booted_in
                 && (h.applied_boot.is_none() || h.applied_boot.as_deref() != this_boot) =>
         {
-            Mode::Booted
+            return Some(Unconfirmed {
+                step: Step::Judge,
+                mode: Mode::Booted,
+                target,
+                flake: flake(applied),
+                record: h.clone(),
+                started: applied.started.clone(),
+            });
+        }
+        (HealthState::RollingBack, Mode::InPlace) if is(&agent.current_system) => Step::RollBack,
+        (HealthState::RollingBack, Mode::Booted) if is(&agent.booted_system) => Step::RollBack,
+        (HealthState::RolledBack, Mode::Booted) if booted_in => {
+            let asked_in = h.reboot_boot.as_deref();
+            if asked_in.is_some() && asked_in != this_boot {
+                // Asked in an earlier boot, and the machine came back on
+                // the rejected system anyway: asking again would loop.
+                tracing::error!(
+                    step = crate::health::STEP,
+                    "{} is running again although it was rolled back and the machine rebooted \
+                     (the boot loader did not take the previous system?); not rebooting again",
+                    target.display()
+                );
+                return None;
+            }
+            Step::RebootBack
         }
         _ => return None,
     };
     Some(Unconfirmed {
+        step,
         mode,
         target,
-        flake: applied
-            .target
-            .as_ref()
-            .map(|t| t.flake.clone())
-            .unwrap_or_default(),
+        flake: flake(applied),
         record: h.clone(),
+        started: applied.started.clone(),
     })
+}
+
+fn flake(r: &RunRecord) -> String {
+    r.target
+        .as_ref()
+        .map(|t| t.flake.clone())
+        .unwrap_or_default()
 }
 
 /// The gate, and the rollback when it fails. `Ok`: healthy. Unhealthy is
@@ -191,17 +266,18 @@ impl Gate<'_> {
         Ok(())
     }
 
-    /// Runs the gate from `rec` (recorded as pending first) and acts on
-    /// the verdict. A [`Mode::Booted`] rollback leaves this run's reboot
-    /// record needed: the caller asks for the one reboot back.
+    /// Runs the gate from `rec` (recorded as pending first, with its
+    /// mode) and acts on the verdict. A [`Mode::Booted`] rollback leaves
+    /// this run's reboot record needed: the caller asks for the one
+    /// reboot back.
     pub async fn run(
         &self,
         state: &mut State,
         run: &mut RunRecord,
         mut rec: HealthRecord,
     ) -> Result<(), Failure> {
-        let agent = &self.config.agent;
         rec.state = HealthState::Pending;
+        rec.mode = Some(self.mode);
         self.record(state, run, &rec)?;
         let shown = self.target.display();
         notify::status(&format!("checking the health of {}", self.flake));
@@ -230,29 +306,52 @@ impl Gate<'_> {
             return Ok(());
         }
         let problems = verdict.problems.join("; ");
-        let when = match self.mode {
-            Mode::InPlace => "after switching to",
-            Mode::Booted => "after booting into",
-        };
         tracing::error!(
             step = crate::health::STEP,
-            "unhealthy {when} {shown}: {problems}"
+            "unhealthy {} {shown}: {problems}",
+            self.when()
         );
         if !health.rollback {
             rec.state = HealthState::Unhealthy;
             self.record(state, run, &rec)?;
             return Err(Failure::Unhealthy(format!(
-                "unhealthy {when} {shown}, kept (health.rollback = false): {problems}"
+                "unhealthy {} {shown}, kept (health.rollback = false): {problems}",
+                self.when()
             )));
         }
-        // Rejected before the rollback starts: whatever happens to the
-        // rollback, no run applies this store path again on its own.
+        // From here the verdict stands: rejected, and rolling back until
+        // it is done (a stop, a crash or a failure leaves RollingBack,
+        // which the next run finishes without judging again).
         state.reject(Rejected {
             store_path: shown.to_string(),
             flake: Some(self.flake.to_owned()).filter(|f| !f.is_empty()),
             at: crate::state::now(),
-            reason: problems.clone(),
+            reason: problems,
         });
+        rec.state = HealthState::RollingBack;
+        self.record(state, run, &rec)?;
+        self.roll_back(state, run, rec).await
+    }
+
+    fn when(&self) -> &'static str {
+        match self.mode {
+            Mode::InPlace => "after switching to",
+            Mode::Booted => "after booting into",
+        }
+    }
+
+    /// Puts the previous system back, for a verdict already recorded in
+    /// `rec` (state RollingBack).
+    pub async fn roll_back(
+        &self,
+        state: &mut State,
+        run: &mut RunRecord,
+        mut rec: HealthRecord,
+    ) -> Result<(), Failure> {
+        let agent = &self.config.agent;
+        let shown = self.target.display();
+        let when = self.when();
+        let problems = rec.problems.join("; ");
         let Some(previous) = rec.previous.clone().map(PathBuf::from) else {
             rec.state = HealthState::Unhealthy;
             rec.rollback = Some("not possible: the system before the apply is not known".into());
@@ -261,7 +360,6 @@ impl Gate<'_> {
                 "unhealthy {when} {shown}, and no previous system to roll back to: {problems}"
             )));
         };
-        self.store.save(state)?;
         let action = match self.mode {
             Mode::InPlace => "switch",
             Mode::Booted => "boot",
@@ -277,6 +375,11 @@ impl Gate<'_> {
         );
         let rolled =
             crate::steps::rollback::rollback(agent, self.redactor, &previous, action).await;
+        if let Err(crate::steps::StepError::Interrupted { reason, .. }) = &rolled {
+            return Err(Failure::Interrupted(format!(
+                "rollback: {reason}; the next run finishes it"
+            )));
+        }
         let link = match self.mode {
             Mode::InPlace => &agent.current_system,
             Mode::Booted => &agent.system_profile,
@@ -294,49 +397,26 @@ impl Gate<'_> {
             (Ok(()), true) => None,
         };
         if let Some(why) = failed {
-            rec.state = HealthState::Unhealthy;
-            rec.rollback = Some(format!("failed: {why}"));
+            // Still RollingBack: the next run (the unit's restart, the
+            // timer) tries again.
+            rec.rollback = Some(format!("failed: {why}; the next run tries again"));
             self.record(state, run, &rec)?;
             return Err(Failure::Unhealthy(format!(
                 "unhealthy {when} {shown} ({problems}), and the rollback to {} failed: {why}",
                 previous.display()
             )));
         }
-        let outcome = match self.mode {
-            Mode::InPlace => {
-                // The previous system is judged too, and said: the
-                // operator needs to know whether what runs now is healthy.
-                let (after, _) = self.judge(Some(&before)).await?;
-                if after.healthy() {
-                    tracing::info!(
-                        step = crate::health::STEP,
-                        "the previous system {} is healthy",
-                        previous.display()
-                    );
-                } else {
-                    tracing::error!(
-                        step = crate::health::STEP,
-                        "the previous system {} is {} too",
-                        previous.display(),
-                        after.summary()
-                    );
-                }
-                format!(
-                    "rolled back to {}; it is {}",
-                    previous.display(),
-                    after.summary()
-                )
-            }
+        rec.state = HealthState::RolledBack;
+        rec.rollback = Some(match self.mode {
+            Mode::InPlace => format!("rolled back to {}", previous.display()),
             Mode::Booted => format!(
                 "rolled back to {} as the boot default; it runs after the next boot",
                 previous.display()
             ),
-        };
-        rec.state = HealthState::RolledBack;
-        rec.rollback = Some(outcome.clone());
+        });
         // In place, the previous system runs now: no reboot for the
         // target. Booted: the one reboot back, asked for by the caller.
-        let reboot = match self.mode {
+        run.reboot = match self.mode {
             Mode::InPlace => None,
             Mode::Booted => Some(RebootRecord {
                 policy: run
@@ -352,7 +432,6 @@ impl Gate<'_> {
                 boot_id: None,
             }),
         };
-        run.reboot = reboot;
         if let Some(a) = state
             .last_applied
             .as_mut()
@@ -368,8 +447,35 @@ impl Gate<'_> {
             "rolled back from {shown} to {}: {problems}",
             previous.display()
         );
+        if self.mode == Mode::InPlace {
+            // The previous system is judged too, and said: the operator
+            // needs to know whether what runs now is healthy.
+            let before: BTreeSet<String> = rec.failed_before.iter().cloned().collect();
+            let (after, _) = self.judge(Some(&before)).await?;
+            if after.healthy() {
+                tracing::info!(
+                    step = crate::health::STEP,
+                    "the previous system {} is healthy",
+                    previous.display()
+                );
+            } else {
+                tracing::error!(
+                    step = crate::health::STEP,
+                    "the previous system {} is {} too",
+                    previous.display(),
+                    after.summary()
+                );
+            }
+            rec.rollback = Some(format!(
+                "rolled back to {}; it is {}",
+                previous.display(),
+                after.summary()
+            ));
+            self.record(state, run, &rec)?;
+        }
         Err(Failure::RolledBack(format!(
-            "unhealthy {when} {shown} ({problems}); {outcome}; the store path is rejected"
+            "unhealthy {when} {shown} ({problems}); {}; the store path is rejected",
+            rec.rollback.as_deref().unwrap_or_default()
         )))
     }
 }

@@ -90,15 +90,21 @@ const AGENT_UNITS: [&str; 2] = ["nixos-ami-agent.service", "nixos-ami-agent-run.
 /// Until systemd has settled after the switch, or the deadline.
 ///
 /// A switch queues its starts and restarts as jobs, and
-/// switch-to-configuration returns once they are queued, not done. The
-/// plain rule, "no job queued and `SystemState` past `starting`", cannot
-/// hold while the agent's own boot unit runs: its start job is in the
-/// queue until it exits, `multi-user.target` waits for it (a target is
-/// ordered after what it wants, systemd.target(5)), and the system stays
-/// `starting` meanwhile. So: settled when no job is *running* other than
-/// the caller's own unit's, twice in a row a poll apart (a job that just
-/// became runnable is dispatched in between). A job still waiting then
-/// waits, in the end, for the agent itself.
+/// switch-to-configuration-ng waits for those it submitted, then for the
+/// bus to go quiet, before it returns; what they pull in may still run.
+/// The plain rule, "no job queued and `SystemState` past `starting`",
+/// cannot hold while the agent's own unit runs: its start job stays in the
+/// queue until it exits, so during the boot that runs the boot unit the
+/// boot transaction is not finished and `SystemState` stays `starting`
+/// (systemd's manager_check_finished), and units ordered after the
+/// agent's wait for it. So: settled when no job is *running* other than
+/// the agent's own units' (see [`AGENT_UNITS`]), twice in a row a poll
+/// apart (a job that just became runnable is dispatched in between). A job
+/// still waiting then waits, in the end, for the agent itself.
+///
+/// Not settled by the deadline is unhealthy: a unit still starting is not
+/// known to work. A long job unrelated to the switch (a timer's) counts
+/// too; `health.timeout` is the operator's bound for that.
 async fn settle(
     m: &Systemd1ManagerProxy<'_>,
     deadline: Instant,
@@ -156,11 +162,12 @@ async fn settle(
 
 async fn command(
     c: &CommandCheck,
+    within: Duration,
     redactor: &Redactor,
     system: &Path,
 ) -> Result<Result<(), String>, Interrupted> {
     let program = Path::new(&c.argv[0]);
-    let prog = Program::new(program, STEP, c.timeout)
+    let prog = Program::new(program, STEP, within)
         .args(&c.argv[1..])
         .system_path(system);
     match process::run(&prog, redactor).await {
@@ -171,8 +178,12 @@ async fn command(
     }
 }
 
-async fn http(client: &reqwest::Client, p: &HttpProbe) -> Result<Result<(), String>, Interrupted> {
-    let reply = or_stop(tokio::time::timeout(p.timeout, client.get(&p.url).send())).await?;
+async fn http(
+    client: &reqwest::Client,
+    p: &HttpProbe,
+    within: Duration,
+) -> Result<Result<(), String>, Interrupted> {
+    let reply = or_stop(tokio::time::timeout(within, client.get(&p.url).send())).await?;
     Ok(match reply {
         Ok(Ok(r)) if r.status().is_success() => Ok(()),
         Ok(Ok(r)) => Err(format!("HTTP {}", r.status().as_u16())),
@@ -181,12 +192,14 @@ async fn http(client: &reqwest::Client, p: &HttpProbe) -> Result<Result<(), Stri
         } else {
             "request failed".into()
         }),
-        Err(_) => Err(format!("no answer within {}s", p.timeout.as_secs())),
+        Err(_) => Err(format!("no answer within {:.1}s", within.as_secs_f64())),
     })
 }
 
-/// Each check until it passes, retried within the deadline; every check
-/// has at least one attempt.
+/// Each check until it passes, retried within the deadline. An attempt
+/// gets its own timeout or what is left of the gate's, whichever is
+/// shorter; no attempt starts after the deadline (a check that never got
+/// one fails as not checked).
 async fn checks(
     h: &Health,
     deadline: Instant,
@@ -216,10 +229,18 @@ async fn checks(
         };
         let mut attempts = 0u32;
         let result = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(if attempts == 0 {
+                    "not checked: health.timeout ran out before it".to_owned()
+                } else {
+                    format!("health.timeout ran out (after {attempts} attempt(s))")
+                });
+            }
             attempts += 1;
             let r = match check {
-                Check::Command(c) => command(c, redactor, system).await?,
-                Check::Http(p) => http(&client, p).await?,
+                Check::Command(c) => command(c, c.timeout.min(left), redactor, system).await?,
+                Check::Http(p) => http(&client, p, p.timeout.min(left)).await?,
             };
             match r {
                 Ok(()) => break Ok(()),

@@ -347,14 +347,16 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
     // the machine is rolled back before this run logs in, resolves or
     // applies anything.
     let this_boot = system::boot_id(&agent.boot_id);
-    if let Some(u) = gate::unconfirmed(&state, agent, this_boot.as_deref()) {
-        let applied = state
-            .last_applied
-            .clone()
-            .expect("unconfirmed comes from it");
-        record.target = applied.target.clone();
-        record.action = applied.action;
-        record.store_path = applied.store_path.clone();
+    if let Some(u) = gate::unconfirmed(&state, previous_run.as_ref(), agent, this_boot.as_deref()) {
+        let from = [previous_run.as_ref(), state.last_applied.as_ref()]
+            .into_iter()
+            .flatten()
+            .find(|r| r.started == u.started)
+            .cloned()
+            .expect("unconfirmed comes from one of them");
+        record.target = from.target.clone();
+        record.action = from.action;
+        record.store_path = from.store_path.clone();
         let g = gate::Gate {
             config,
             store: &store,
@@ -364,17 +366,51 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
             target: &u.target,
             flake: &u.flake,
             mode: u.mode,
-            applied_started: &applied.started,
+            applied_started: &u.started,
         };
-        if let Err(e) = g.run(&mut state, &mut record, u.record).await {
+        let done = match u.step {
+            gate::Step::Judge => g.run(&mut state, &mut record, u.record).await,
+            gate::Step::RollBack => {
+                tracing::warn!(
+                    step = crate::steps::rollback::STEP,
+                    "the rollback of {} did not finish; finishing it",
+                    u.target.display()
+                );
+                g.roll_back(&mut state, &mut record, u.record).await
+            }
+            gate::Step::RebootBack => {
+                record.reboot = Some(RebootRecord {
+                    policy: settings.reboot.value,
+                    needed: true,
+                    reason: "rolled back: the previous system is the boot default again".into(),
+                    requested: false,
+                    boot_id: None,
+                });
+                Err(Failure::RolledBack(format!(
+                    "{} was rolled back as the boot default, but this boot still runs it: \
+                     the reboot back was not carried out",
+                    u.target.display()
+                )))
+            }
+        };
+        if let Err(e) = done {
             let reboot_back = u.mode == gate::Mode::Booted
                 && matches!(e, Failure::RolledBack(_))
                 && settings.reboot.value != crate::settings::RebootPolicy::Never;
             let failed = finish(&store, &mut state, record, Err(e), 0);
             if reboot_back && crate::stop::requested().is_none() {
-                // The one reboot back into the previous system, recorded
-                // before it is asked for; the target is rejected, so the
-                // run in the previous system neither applies nor reboots.
+                // The one reboot back into the previous system. The boot
+                // it is asked in is recorded first: a later boot that
+                // still runs the rejected system does not ask again.
+                if let Some(h) = state
+                    .last_applied
+                    .as_mut()
+                    .filter(|a| a.started == u.started)
+                    .and_then(|a| a.health.as_mut())
+                {
+                    h.reboot_boot = this_boot.clone();
+                }
+                store.save(&state)?;
                 if let Err(e) = reboot_if_needed(&store, &mut state, agent).await {
                     tracing::error!("{e}");
                 }
@@ -394,8 +430,10 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
         previous_run.as_ref(),
     )
     .await;
-    if let Err(e @ Failure::Input(_)) = converged {
-        // A bad parameter value is bad input too: nothing runs.
+    if let Err(e @ (Failure::Input(_) | Failure::Rejected(_) | Failure::RolledBack(_))) = converged
+    {
+        // A bad parameter value is bad input too: nothing runs. Nor after
+        // a rollback, or for a rejected target: the run ends there.
         return finish(&store, &mut state, record, Err(e), 0);
     }
     // A stopping run starts nothing new: scripts wait for the next run.
@@ -612,7 +650,18 @@ async fn converge(
                     target.display()
                 )));
             }
-            before_apply = Some(gate::before_switch(agent).await?);
+            let before = gate::before_switch(agent).await?;
+            // On record before the apply: a run that dies after the switch
+            // (a stop during fh, a crash) leaves the gate pending for the
+            // next run, with what it needs.
+            let mut h = gate::pending_record(&before);
+            if action == Action::Boot {
+                h.state = HealthState::AwaitingBoot;
+                h.mode = Some(gate::Mode::Booted);
+                h.applied_boot = system::boot_id(&agent.boot_id);
+            }
+            record.health = Some(h);
+            before_apply = Some(before);
             state.last_run = Some(record.clone());
             store.save(state)?;
             notify::status(&format!("applying {shown}"));
@@ -678,16 +727,6 @@ async fn converge(
     }
     let reboot_needed = assessment.needed;
     record.reboot = Some(RebootRecord::new(r.settings.reboot.value, assessment));
-    if let Some(before) = &before_apply {
-        // On record with the apply itself: a run that dies before the
-        // gate ends leaves it pending, and the next run judges.
-        let mut h = gate::pending_record(before);
-        if action == Action::Boot {
-            h.state = HealthState::AwaitingBoot;
-            h.applied_boot = this_boot.clone();
-        }
-        record.health = Some(h);
-    }
     if outcome == Outcome::Applied {
         // Recorded as soon as it is verified, with its reboot need: the
         // scripts still to come may be killed, or fail to start, and the
@@ -697,7 +736,8 @@ async fn converge(
         state.last_applied = Some(applied);
         store.save(state)?;
     }
-    if let (Some(mut h), true) = (record.health.clone(), action != Action::Boot) {
+    let judged_now = before_apply.is_some() && action != Action::Boot;
+    if let (Some(mut h), true) = (record.health.clone(), judged_now) {
         let started = record.started.clone();
         let g = gate::Gate {
             config: ctx.config,
@@ -717,6 +757,7 @@ async fn converge(
             // the reboot brings up.
             h = record.health.clone().unwrap_or(h);
             h.state = HealthState::AwaitingBoot;
+            h.mode = Some(gate::Mode::Booted);
             h.applied_boot = this_boot.clone();
             g.run_record(state, record, &h)?;
         }

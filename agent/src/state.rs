@@ -119,9 +119,12 @@ pub enum HealthState {
     /// reboot): judged by the first run in the system it boots into.
     AwaitingBoot,
     Healthy,
-    /// Unhealthy and kept (`health.rollback = false`, or the rollback
-    /// itself failed).
+    /// Unhealthy and kept (`health.rollback = false`, or no previous
+    /// system to go back to).
     Unhealthy,
+    /// Unhealthy, rejected, and the rollback not finished (stopped,
+    /// crashed or failed): the next run finishes it.
+    RollingBack,
     RolledBack,
 }
 
@@ -147,6 +150,14 @@ pub struct HealthRecord {
     /// only a run in a later boot judges it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_boot: Option<String>,
+    /// Where the system under judgement is: judged and rolled back in
+    /// place, or as the booted system.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<crate::gate::Mode>,
+    /// The boot in which the reboot back to the previous system was asked
+    /// for: a later boot still on the rejected system does not ask again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reboot_boot: Option<String>,
 }
 
 /// A store path that was rolled back: no later run applies it again,

@@ -131,10 +131,14 @@ impl Health {
     }
 }
 
+/// The gate runs inside the boot unit's start (`TimeoutStartSec=3h`),
+/// after an apply: an hour for all of it is already generous.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
 fn duration(raw: &str) -> Result<Duration, String> {
     match humantime::parse_duration(raw) {
         Ok(d) if d.is_zero() => Err("must be longer than zero".into()),
-        Ok(d) if d > crate::config::MAX_DURATION => Err("is longer than 7 days".into()),
+        Ok(d) if d > MAX_TIMEOUT => Err("is longer than 1 hour".into()),
         Ok(d) => Ok(d),
         Err(e) => Err(format!("not a duration like \"120s\" or \"5m\": {e}")),
     }
@@ -171,6 +175,11 @@ fn unit_name(raw: &str) -> Result<(), String> {
         .any(|s| raw.len() > s.len() && raw.ends_with(s))
     {
         return Err("is not a unit name: it needs a type suffix such as `.service`".into());
+    }
+    // A template (`foo@.service`) is no unit that can be active, and
+    // systemd's ListUnitsByNames refuses the whole call for one.
+    if raw.contains("@.") {
+        return Err("is a template: name an instance, such as `foo@bar.service`".into());
     }
     Ok(())
 }
@@ -234,7 +243,7 @@ impl HealthLayer {
                 return Err(err(
                     "commands",
                     "can only be set in the image's config file (the NixOS module's \
-                     nixos-ami-agent.health.commands): user data and SSM values may not \
+                     services.nixos-ami-agent.settings.health.commands): user data and SSM values may not \
                      add programs to run"
                         .into(),
                 ));
@@ -462,6 +471,12 @@ http = [{ url = "http://127.0.0.1:8080/health" }, { url = "http://[::1]/", timeo
         let cases: &[(&str, &str, &str)] = &[
             ("timeout = \"soon\"", "health.timeout", "not a duration"),
             ("timeout = \"0s\"", "health.timeout", "longer than zero"),
+            ("timeout = \"2h\"", "health.timeout", "longer than 1 hour"),
+            (
+                "required-units = [\"getty@.service\"]",
+                "health.required-units[0]",
+                "template",
+            ),
             (
                 "required-units = [\"web\"]",
                 "health.required-units[0]",

@@ -40,6 +40,10 @@ struct Systemd1 {
     reboots: bool,
     standin: Option<PathBuf>,
     list_jobs_calls: Arc<Mutex<u32>>,
+    /// Units seen failed: systemd keeps a failed unit, failed, after a
+    /// switch removed its file (load state `not-found`) until
+    /// reset-failed.
+    failed_seen: Arc<Mutex<std::collections::BTreeSet<String>>>,
 }
 
 type UnitStatus = (
@@ -113,9 +117,28 @@ impl Systemd1 {
         let running = std::fs::canonicalize(&b.current_system)
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
-        running
+        let units = running
             .and_then(|r| b.units.get(&r).cloned())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let mut seen = self.failed_seen.lock().unwrap();
+        seen.extend(
+            units
+                .iter()
+                .filter(|(_, s)| *s == "failed")
+                .map(|(u, _)| u.clone()),
+        );
+        units
+    }
+
+    /// Failed units the running system has no file for.
+    fn stale_failed(&self, units: &HashMap<String, String>) -> Vec<UnitStatus> {
+        self.failed_seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|u| !units.contains_key(*u))
+            .map(|u| status(u, "not-found", "failed"))
+            .collect()
     }
 }
 
@@ -151,7 +174,8 @@ impl Systemd1 {
         let mut jobs = vec![];
         if b.booting {
             jobs.push(job(1, OWN_UNIT, "start", "running"));
-            jobs.push(job(2, "multi-user.target", "start", "waiting"));
+            // A unit ordered after the agent's, waiting for it.
+            jobs.push(job(2, "after-agent.service", "start", "waiting"));
         }
         if b.sibling_waiting {
             jobs.push(job(4, "nixos-ami-agent-run.service", "start", "running"));
@@ -165,24 +189,33 @@ impl Systemd1 {
     /// Units whose load, active or sub state is one of `states`, as
     /// systemd filters them; only loaded units are listed.
     fn list_units_filtered(&self, states: Vec<String>) -> Vec<UnitStatus> {
-        self.units()
+        let units = self.units();
+        let stale = self.stale_failed(&units);
+        units
             .iter()
             .map(|(name, active)| status(name, "loaded", active))
+            .chain(stale)
             .filter(|u| states.iter().any(|s| *s == u.2 || *s == u.3 || *s == u.4))
             .collect()
     }
 
     /// Every name asked for, in order; a unit that does not exist is
     /// `not-found` and `inactive`, as systemd loads it.
-    fn list_units_by_names(&self, names: Vec<String>) -> Vec<UnitStatus> {
+    fn list_units_by_names(&self, names: Vec<String>) -> zbus::fdo::Result<Vec<UnitStatus>> {
+        // As systemd: a template cannot be loaded, and fails the call.
+        if let Some(t) = names.iter().find(|n| n.contains("@.")) {
+            return Err(zbus::fdo::Error::InvalidArgs(format!(
+                "Unit name {t} is neither a valid invocation ID nor unit name."
+            )));
+        }
         let units = self.units();
-        names
+        Ok(names
             .iter()
             .map(|n| match units.get(n) {
                 Some(active) => status(n, "loaded", active),
                 None => status(n, "not-found", "inactive"),
             })
-            .collect()
+            .collect())
     }
 
     /// Spelled as systemd spells it (zbus would make it `GetUnitByPid`).
@@ -285,6 +318,7 @@ impl BusDouble {
                             reboots: systemd_reboots,
                             standin: standin.map(Path::to_path_buf),
                             list_jobs_calls: Default::default(),
+                            failed_seen: Default::default(),
                         },
                     )
                     .build()

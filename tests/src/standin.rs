@@ -69,6 +69,10 @@ pub struct Behaviour {
     /// The queue also holds a running start job of the agent's other unit
     /// (a run waiting for this one's lock).
     pub sibling_waiting: bool,
+    /// `switch-to-configuration switch` of this system (by store directory
+    /// name) hangs until it is signalled, or fails without switching.
+    pub switch_hang: Option<String>,
+    pub switch_fail: Option<String>,
     /// Under a real systemd (the boot-test containers): the directory
     /// where `switch-to-configuration` puts a system's `units/*`, starting
     /// them and stopping and removing the previous system's, as the real
@@ -467,6 +471,13 @@ pub fn switch_main() -> ! {
             std::process::exit(1)
         }
     };
+    if b.switch_hang.as_deref() == Some(name.as_str()) {
+        hang();
+    }
+    if b.switch_fail.as_deref() == Some(name.as_str()) {
+        eprintln!("error: activation failed (stand-in)");
+        std::process::exit(1);
+    }
     if matches!(action, "switch" | "test") {
         point(&b.current_system, &system);
     }

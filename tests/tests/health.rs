@@ -553,3 +553,212 @@ fn a_gate_that_did_not_finish_is_run_by_the_next_run() {
     assert_eq!(s.state()["last-applied"]["health"]["state"], "healthy");
     assert_eq!(applies(&s), 1, "judged, not applied again");
 }
+
+fn signal_when(s: &Scenario, child: &std::process::Child, seen: impl Fn() -> bool) {
+    let t = std::time::Instant::now();
+    while !seen() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "never saw it"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = s;
+    // SAFETY: a signal to the agent we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+}
+
+#[test]
+fn a_rollback_stopped_halfway_is_finished_by_the_next_run() {
+    let mut s = scenario("");
+    s.units_on("new-system", &[("web.service", "failed")]);
+    s.behaviour.switch_hang = Some("old-system".into());
+    let child = s.spawn(&["run"]);
+    signal_when(&s, &child, || {
+        s.switch_lines()
+            .iter()
+            .any(|l| l.ends_with("old-system switch"))
+    });
+    let out = nixos_ami_agent_tests::harness::finish(child, std::time::Duration::from_secs(30));
+    assert_eq!(out.code, 75, "{out:?}");
+    assert!(out.stderr.contains("the next run finishes it"), "{out:?}");
+    let state = s.state();
+    assert_eq!(
+        state["last-run"]["health"]["state"], "rolling-back",
+        "{state}"
+    );
+    assert!(
+        state["rejected"][0]["store-path"].is_string(),
+        "rejected at once"
+    );
+    assert_eq!(s.current_system(), s.store_path("new-system"));
+
+    s.behaviour.switch_hang = None;
+    let next = s.run(&["run"]);
+    assert_eq!(next.code, 1, "{next:?}");
+    assert!(
+        next.stderr.contains("did not finish; finishing it"),
+        "{next:?}"
+    );
+    assert!(
+        !next.stderr.contains("checking health after the switch"),
+        "the verdict stands: {next:?}"
+    );
+    assert_eq!(s.current_system(), s.store_path("old-system"));
+    assert_eq!(s.state()["last-applied"]["health"]["state"], "rolled-back");
+    assert_eq!(applies(&s), 1);
+    assert!(
+        !next.stderr.contains("determinate-nixd"),
+        "before anything else: {next:?}"
+    );
+}
+
+#[test]
+fn a_failed_rollback_is_tried_again() {
+    let mut s = scenario("");
+    s.units_on("new-system", &[("web.service", "failed")]);
+    s.behaviour.switch_fail = Some("old-system".into());
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("the rollback to"), "{out:?}");
+    assert_eq!(s.current_system(), s.store_path("new-system"));
+    assert_eq!(s.state()["last-run"]["health"]["state"], "rolling-back");
+    // Still the rejected system running: the next run does not call it
+    // nothing to do, it finishes the rollback.
+    s.behaviour.switch_fail = None;
+    let next = s.run(&["run"]);
+    assert_eq!(next.code, 1, "{next:?}");
+    assert_eq!(s.current_system(), s.store_path("old-system"));
+    assert_eq!(s.state()["last-applied"]["health"]["state"], "rolled-back");
+}
+
+#[test]
+fn a_run_that_died_after_the_switch_is_judged_by_the_next() {
+    let mut s = scenario("");
+    s.units_on("new-system", &[("web.service", "failed")]);
+    s.behaviour.apply = nixos_ami_agent_tests::standin::Mode::KillAgent;
+    let out = s.run(&["run"]);
+    assert_ne!(out.code, 0, "{out:?}");
+    assert_eq!(s.current_system(), s.store_path("new-system"));
+    s.behaviour.apply = nixos_ami_agent_tests::standin::Mode::Ok;
+    let next = s.run(&["run"]);
+    assert_eq!(next.code, 1, "{next:?}");
+    assert!(
+        next.stderr.contains("checking health after the switch"),
+        "{next:?}"
+    );
+    assert_eq!(s.current_system(), s.store_path("old-system"));
+    assert_eq!(applies(&s), 1, "judged, not applied again");
+}
+
+#[test]
+fn a_boot_gate_that_did_not_finish_resumes_as_one() {
+    let mut s = scenario("action = \"boot\"");
+    s.with_bus(true, false);
+    assert_eq!(s.run(&["run"]).code, 0);
+    reboot_into_profile(&s);
+    let started = s.path("check-started");
+    let ready = s.path("ready");
+    with_command(
+        &mut s,
+        &format!(
+            "touch {}; while [ ! -e {} ]; do sleep 0.1; done; exit 1",
+            started.display(),
+            ready.display()
+        ),
+    );
+    let child = s.spawn(&["run"]);
+    signal_when(&s, &child, || started.exists());
+    let out = nixos_ami_agent_tests::harness::finish(child, std::time::Duration::from_secs(30));
+    assert_eq!(out.code, 75, "{out:?}");
+    assert_eq!(s.state()["last-applied"]["health"]["state"], "pending");
+    std::fs::write(&ready, "").unwrap();
+    let next = s.run(&["run"]);
+    assert_eq!(next.code, 1, "{next:?}");
+    assert!(
+        next.stderr.contains("unhealthy after booting into"),
+        "{next:?}"
+    );
+    assert_eq!(
+        s.switch_lines().last().unwrap(),
+        "switch-to-configuration old-system boot",
+        "rolled back as the boot default, not in place"
+    );
+    assert_eq!(s.reboot_requests().len(), 2, "and the reboot back");
+}
+
+#[test]
+fn the_reboot_back_is_asked_until_it_happens_but_never_loops() {
+    let mut s = scenario("action = \"boot\"");
+    s.with_bus(true, false);
+    assert_eq!(s.run(&["run"]).code, 0);
+    s.units_on("new-system", &[("web.service", "failed")]);
+    reboot_into_profile(&s);
+    // Nobody takes the reboot back (no logind, systemd refuses).
+    s.with_bus(false, false);
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(s.system_profile(), s.store_path("old-system"));
+    assert!(s.reboot_requests().is_empty());
+    // Same boot, still the rejected system: asked again, before anything.
+    s.with_bus(true, false);
+    let again = s.run(&["run"]);
+    assert_eq!(again.code, 1, "{again:?}");
+    assert!(
+        again.stderr.contains("the reboot back was not carried out"),
+        "{again:?}"
+    );
+    assert_eq!(s.reboot_requests().len(), 1);
+    // The machine rebooted, but came back on the rejected system (its
+    // boot loader did not take the previous one): no loop.
+    s.new_boot();
+    let later = s.run(&["run"]);
+    assert!(later.stderr.contains("not rebooting again"), "{later:?}");
+    assert_eq!(s.reboot_requests().len(), 1, "{later:?}");
+}
+
+#[test]
+fn the_gate_ends_at_its_timeout_whatever_the_checks_say() {
+    // A probe that accepts and never answers, with a long own timeout.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = vec![];
+        for c in listener.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let s = scenario(&format!(
+        "[health]\ntimeout = \"2s\"\nhttp = [{{ url = \"{url}\", timeout = \"10m\" }}, {{ url = \"{url}\", timeout = \"10m\" }}]"
+    ));
+    let start = std::time::Instant::now();
+    let out = s.run(&["run"]);
+    assert_rolled_back(&s, &out, "no answer within");
+    assert!(
+        out.stderr.contains("not checked: health.timeout ran out"),
+        "{out:?}"
+    );
+    // Two gates (the target's, then the previous system's), 2 s each.
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(12),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn no_scripts_after_a_rollback() {
+    let mut s = Scenario::new();
+    let marker = s.path("script-ran");
+    s.user_data(format!(
+        "Content-Type: multipart/mixed; boundary=\"B\"\nMIME-Version: 1.0\n\n\
+         --B\nContent-Type: text/x-nixos-ami-agent\n\nflake = \"{REF}\"\n\
+         --B\nContent-Type: text/x-shellscript\n\n#!/bin/sh\ntouch {}\n--B--\n",
+        marker.display()
+    ));
+    s.units_on("new-system", &[("web.service", "failed")]);
+    assert_eq!(s.run(&["run"]).code, 1);
+    assert!(!marker.exists());
+    assert_eq!(s.run(&["run"]).code, 65);
+    assert!(!marker.exists(), "nor for a rejected target");
+}

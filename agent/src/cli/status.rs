@@ -108,6 +108,7 @@ fn print_run(title: &str, r: &RunRecord) {
             HealthState::AwaitingBoot => "judged after the reboot into it",
             HealthState::Healthy => "healthy",
             HealthState::Unhealthy => "unhealthy, kept",
+            HealthState::RollingBack => "unhealthy, rolling back (the next run finishes it)",
             HealthState::RolledBack => "unhealthy, rolled back",
         };
         println!("  health:     {state}");

@@ -48,6 +48,17 @@ pub async fn rollback(
     let out = process::run(&activate, redactor)
         .await
         .map_err(|e| StepError::from_process(STEP, e))?;
+    if !out.status.success() && action == "boot" {
+        // `boot` starts no unit: a failure is the boot loader's, and the
+        // machine would boot the unhealthy system again.
+        return Err(StepError::Failed {
+            step: STEP,
+            reason: format!(
+                "switch-to-configuration boot of the previous system failed ({})",
+                describe(out.status)
+            ),
+        });
+    }
     if !out.status.success() {
         tracing::warn!(
             step = STEP,
