@@ -480,6 +480,93 @@ fn profile(case: &str, wrapper: &[String]) -> ! {
     std::process::exit(status.code().unwrap_or(1));
 }
 
+/// `ListJobs` and `ListUnits*` entries, as systemd1(5) gives them.
+type Job = (
+    u32,
+    String,
+    String,
+    String,
+    zbus::OwnedObjectPath,
+    zbus::OwnedObjectPath,
+);
+type Unit = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    zbus::OwnedObjectPath,
+    u32,
+    String,
+    zbus::OwnedObjectPath,
+);
+
+/// A log line's timestamp (the fmt layer's RFC 3339, first on the line).
+fn stamp(line: &str) -> Option<std::time::SystemTime> {
+    humantime::parse_rfc3339(line.split_whitespace().next()?).ok()
+}
+
+/// The health gate on a healthy switch with no checks configured: from
+/// `fh apply` (and so switch-to-configuration, which it waits for)
+/// exiting to the verdict, read from the agent's own log. The floor: what
+/// the gate cannot do without, over the same bus and systemd double, from
+/// a bare zbus client: connect, GetUnitByPID, ListJobs twice a poll
+/// (200 ms) apart, ListUnitsFiltered(failed).
+fn gate_cost(iterations: usize) -> (Vec<f64>, Vec<f64>) {
+    let (mut gate, mut floor) = (vec![], vec![]);
+    for _ in 0..iterations {
+        let s = Scenario::new();
+        s.user_data(toml_user_data(&format!("flake = \"{REF}\"")));
+        let out = s.run(&["run"]);
+        assert_eq!(out.code, 0, "{out:?}");
+        let at = |needle: &str| {
+            out.stderr
+                .lines()
+                .find(|l| l.contains(needle))
+                .and_then(stamp)
+                .unwrap_or_else(|| panic!("no {needle:?} in {}", out.stderr))
+        };
+        let switched = at("finished step=\"apply\"");
+        let judged = at("healthy step=\"health\"");
+        gate.push(judged.duration_since(switched).unwrap().as_secs_f64() * 1e3);
+
+        let address = s.bus.as_ref().expect("the systemd double").address.clone();
+        let took = rt().block_on(async move {
+            let start = Instant::now();
+            let conn = zbus::connection::Builder::address(address.as_str())
+                .build()
+                .await
+                .unwrap();
+            let m = zbus::Proxy::new(
+                &conn,
+                "org.freedesktop.systemd1",
+                "/org/freedesktop/systemd1",
+                "org.freedesktop.systemd1.Manager",
+            )
+            .await
+            .unwrap();
+            let _: zbus::OwnedObjectPath = m
+                .call("GetUnitByPID", &(std::process::id(),))
+                .await
+                .unwrap();
+            let jobs = || async {
+                let _: Vec<Job> = m.call("ListJobs", &()).await.unwrap();
+            };
+            jobs().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            jobs().await;
+            let _: Vec<Unit> = m
+                .call("ListUnitsFiltered", &(vec!["failed"],))
+                .await
+                .unwrap();
+            start.elapsed()
+        });
+        floor.push(took.as_secs_f64() * 1e3);
+    }
+    (gate, floor)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(i) = args.iter().position(|a| a == "--profile") {
@@ -785,7 +872,40 @@ fn main() {
     )
     .unwrap();
 
-    writeln!(w, "\n## 6. Footprint\n").unwrap();
+    writeln!(w, "\n## 6. Health gate\n").unwrap();
+    let gate_iterations = if smoke { 2 } else { 20 };
+    eprintln!("health gate: {gate_iterations} iterations");
+    let (gate, gate_floor) = gate_cost(gate_iterations);
+    let (gate_ms, gate_floor_ms) = (median(gate.clone()), median(gate_floor.clone()));
+    writeln!(
+        w,
+        "A healthy `switch` with no checks configured, against the systemd double on a private bus \
+         (settled at once, no unit failed): the time from `fh apply` exiting (it waits for \
+         switch-to-configuration) to the verdict, from the agent's own log; {gate_iterations} runs. \
+         The floor is what the gate cannot do without, from a bare zbus client over the same bus: \
+         connect, `GetUnitByPID`, `ListJobs` twice a poll (200 ms) apart, `ListUnitsFiltered`. \
+         Before the apply the agent also lists the failed units once (one call, not in this window).\n"
+    )
+    .unwrap();
+    writeln!(w, "| | median | max | vs floor |").unwrap();
+    writeln!(w, "|---|---|---|---|").unwrap();
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    writeln!(
+        w,
+        "| gate, switch to verdict | {gate_ms:.0} ms | {:.0} ms | {:+.0} ms ({:.2}×) |",
+        max(&gate),
+        gate_ms - gate_floor_ms,
+        gate_ms / gate_floor_ms
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "| floor (the same calls, bare) | {gate_floor_ms:.0} ms | {:.0} ms | |",
+        max(&gate_floor)
+    )
+    .unwrap();
+
+    writeln!(w, "\n## 7. Footprint\n").unwrap();
     let release = agent
         .parent()
         .map(|d| d.ends_with("release"))
