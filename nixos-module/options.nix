@@ -120,7 +120,8 @@ in
               }
             '';
             type = types.submodule {
-              freeformType = settingsFormat.type;
+              # Not freeform: a mistyped key fails evaluation, rather than
+              # making the agent refuse the whole file (exit 78) at boot.
               options = {
                 timeout = mkOption {
                   type = types.nullOr types.str;
