@@ -107,7 +107,10 @@ pub fn init(target: Target) {
             }
         }
     }
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Colours only for a terminal, and never with NO_COLOR set
+    // (no-color.org: present and not empty).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::registry()
         .with(filter())
         .with(

@@ -94,6 +94,9 @@ pub fn sniff(raw: Option<&[u8]>) -> Result<UserData, Failure> {
         tracing::info!(
             "user data is not addressed to nixos-ami-agent; nothing in it will be run or applied"
         );
+        if let Some(hint) = userdata::near_miss(raw) {
+            tracing::warn!("user data: {hint}");
+        }
     }
     Ok(ud)
 }

@@ -316,3 +316,119 @@ fn run_prints_one_outcome_line_on_stdout() {
         "{failed}"
     );
 }
+
+// Issue 14: validate never says valid for what the agent would refuse or
+// ignore, explains near misses, takes several files, `-`, `--json` and
+// SSM values, and prints each error once.
+#[test]
+fn validate_catches_what_would_fail_on_the_instance() {
+    let s = Scenario::new();
+    let write = |name: &str, body: &[u8]| {
+        let p = s.path(name);
+        std::fs::write(&p, body).unwrap();
+        p.display().to_string()
+    };
+    let cases: &[(&str, &[u8], &str)] = &[
+        (
+            "typo-header",
+            b"#!nixos-ami-agent\nflake = \"o/f/0.1#x\"\n",
+            "`#nixos-ami-agent` (no `!`)",
+        ),
+        (
+            "too-big",
+            format!(
+                "#nixos-ami-agent\n#{}\nflake = \"o/f/0.1#x\"\n",
+                "x".repeat(17_000)
+            )
+            .leak()
+            .as_bytes(),
+            "at most 16384 bytes",
+        ),
+        (
+            "no-slash",
+            b"#nixos-ami-agent\nssm-parameter = \"fleets/web/target\"\n",
+            "SSM needs /fleets/web/target",
+        ),
+        (
+            "reserved",
+            b"#nixos-ami-agent\nssm-parameter = \"ssm/fleet\"\n",
+            "which SSM reserves",
+        ),
+        (
+            "cloud-config",
+            b"#cloud-config\npackages: [git]\n",
+            "hint: this is cloud-init's format",
+        ),
+    ];
+    for (name, body, needle) in cases {
+        let f = write(name, body);
+        let out = s.run(&["validate", &f]);
+        assert_eq!(out.code, 65, "{name}: {out:?}");
+        assert!(out.stdout.contains(needle), "{name}: {out:?}");
+        assert!(
+            !out.stderr.contains("failed:"),
+            "{name}: printed once, on stdout: {out:?}"
+        );
+    }
+
+    // Forgiven near misses are valid, and so is MIME after an mbox line.
+    let bom = write(
+        "bom",
+        "\u{feff}\n  #nixos-ami-agent\n  flake = \"o/f/0.1#x\"\n".as_bytes(),
+    );
+    let mbox = write(
+        "mbox",
+        b"From nobody Mon Jan  1 00:00:00 2024\nMIME-Version: 1.0\n\
+          Content-Type: multipart/mixed; boundary=\"B\"\n\n--B\n\
+          Content-Type: text/x-nixos-ami-agent\n\nflake = \"o/f/0.1#x\"\n--B--\n",
+    );
+    let bad = write("bad", b"#nixos-ami-agent\naction = \"swtich\"\n");
+    let out = s.run(&["validate", &bom, &mbox, &bad]);
+    assert_eq!(out.code, 65, "one of three invalid: {out:?}");
+    assert!(out.stdout.contains(&format!("{bom}: valid")), "{out:?}");
+    assert!(
+        out.stdout
+            .contains(&format!("{mbox}: valid: MIME multipart")),
+        "{out:?}"
+    );
+    assert!(out.stdout.contains(&format!("{bad}: invalid")), "{out:?}");
+
+    let json = s.run(&["validate", "--json", &bom, &bad]);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).expect("one JSON document");
+    assert_eq!(v[0]["valid"], true, "{v}");
+    assert_eq!(v[0]["settings"]["flake"], "o/f/0.1#x");
+    assert_eq!(v[1]["valid"], false);
+    assert!(v[1]["error"].as_str().unwrap().contains("swtich"), "{v}");
+
+    // SSM parameter values, before they reach a fleet.
+    let bare = write("value", b"my-org/web/0.2#nixosConfigurations.web\n");
+    let toml = write(
+        "value.toml",
+        b"flake = \"my-org/web/0.2#nixosConfigurations.web\"\nreboot = \"never\"\n",
+    );
+    let wrong = write(
+        "value-bad.toml",
+        b"flake = \"my-org/web/0.2#x\"\nreboot = \"sometimes\"\n",
+    );
+    let out = s.run(&["validate", "--ssm-value", &bare, &toml]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("reboot = never"), "{out:?}");
+    let out = s.run(&["validate", "--ssm-value", &wrong]);
+    assert_eq!(out.code, 65, "{out:?}");
+    assert!(out.stdout.contains("key `reboot`"), "{out:?}");
+
+    // Standard input.
+    let mut c = s.command(&["validate", "-"]);
+    c.stdin(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"#nixos-ami-agent\nflake = \"o/f/0.1#x\"\n")
+        .unwrap();
+    let out = nixos_ami_agent_tests::harness::finish(child, std::time::Duration::from_secs(30));
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("-: valid"), "{out:?}");
+}

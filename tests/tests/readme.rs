@@ -75,6 +75,8 @@ fn every_agent_command_in_the_readme_runs() {
     s.user_data(format!("#nixos-ami-agent\nflake = \"{REF}\"\n"));
     let user_data = s.path("user-data.toml");
     std::fs::write(&user_data, format!("#nixos-ami-agent\nflake = \"{REF}\"\n")).unwrap();
+    let ssm_value = s.path("target.toml");
+    std::fs::write(&ssm_value, format!("flake = \"{REF}\"\n")).unwrap();
 
     let commands: Vec<String> = blocks(&text)
         .into_iter()
@@ -100,7 +102,8 @@ fn every_agent_command_in_the_readme_runs() {
             .skip(1)
             .filter(|a| !a.starts_with('[') && !a.ends_with(']') && !a.contains('|'))
             .map(|a| match a {
-                "FILE" | "user-data.toml" => user_data.display().to_string(),
+                "FILE" | "FILE..." | "user-data.toml" => user_data.display().to_string(),
+                "target.toml" => ssm_value.display().to_string(),
                 other => other.to_owned(),
             })
             .collect();

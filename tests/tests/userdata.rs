@@ -340,3 +340,47 @@ fn tokens_and_user_data_content_are_never_logged() {
         );
     }
 }
+
+// MIME as cloud-init recognises it: an mbox `From ` line first (Python's
+// email library with unixfrom), headers before MIME-Version.
+#[test]
+fn mime_after_an_mbox_line_is_applied() {
+    let s = Scenario::new();
+    s.user_data(format!(
+        "From nobody Mon Jan  1 00:00:00 2024\nSubject: web fleet\nMIME-Version: 1.0\n\
+         Content-Type: multipart/mixed; boundary=\"B\"\n\n--B\n\
+         Content-Type: text/x-nixos-ami-agent\n\nflake = \"{REF}\"\n--B--\n"
+    ));
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    applied_once(&s, "switch");
+}
+
+// An indented heredoc with a byte order mark is still our header.
+#[test]
+fn a_forgiven_header_is_applied() {
+    let s = Scenario::new();
+    s.user_data(format!(
+        "\u{feff}\n    #nixos-ami-agent\n    flake = \"{REF}\"\n"
+    ));
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    applied_once(&s, "switch");
+}
+
+// Not for us, but meant for us: the log says what it looks like.
+#[test]
+fn a_near_miss_is_explained_in_the_log() {
+    let s = Scenario::new();
+    s.user_data("#cloud-config\npackages: [git]\n");
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("cloud-init's format"), "{out:?}");
+    assert!(s.call_lines().is_empty());
+
+    let s = Scenario::new();
+    s.user_data("#!nixos-ami-agent\nflake = \"x\"\n");
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 65, "refused, not run: {out:?}");
+    assert!(out.stderr.contains("(no `!`)"), "{out:?}");
+}

@@ -128,7 +128,11 @@ impl Cli {
                 };
                 return r.err().map_or(exit::OK, |e| e.exit_code());
             }
-            Command::Validate(args) => args.run(),
+            // Prints every result itself, once.
+            Command::Validate(args) => match args.run() {
+                Ok(code) => return code,
+                Err(e) => Err(e),
+            },
             Command::GenerateAssets(args) => args.run(),
             Command::Doctor(args) => match args.run(self.config.clone(), &env).await {
                 Ok(code) => return code,
@@ -174,6 +178,24 @@ fn load_config(explicit: Option<PathBuf>) -> Result<Config, Failure> {
         None => (PathBuf::from(config::DEFAULT_PATH), false),
     };
     Config::load(&path, explicit).map_err(Failure::Config)
+}
+
+/// Standard input for `validate -`, bounded like a file.
+fn read_stdin() -> Result<Vec<u8>, Failure> {
+    const MAX: u64 = 1 << 20;
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Failure::Usage(format!("standard input: {e}")))?;
+    if bytes.len() as u64 > MAX {
+        return Err(Failure::Usage(
+            "standard input: larger than 1 MiB; EC2 user data is at most 16 KiB".into(),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Reads a user-data file for `plan --user-data` and `validate`: at most

@@ -43,13 +43,13 @@ impl ParameterName {
             let Some(name) = resource.strip_prefix("parameter/") else {
                 return Err("is an ARN, but not of the form ...:parameter/NAME".into());
             };
-            check_name_and_selector(name)?;
+            check_name_and_selector(name, true)?;
             return Ok(Self {
                 raw: raw.to_owned(),
                 region: Some(region.to_owned()),
             });
         }
-        check_name_and_selector(raw)?;
+        check_name_and_selector(raw, false)?;
         Ok(Self {
             raw: raw.to_owned(),
             region: None,
@@ -91,7 +91,9 @@ fn bare_name(s: &str) -> &str {
     name.trim_start_matches('/')
 }
 
-fn check_name_and_selector(s: &str) -> Result<(), String> {
+/// `in_arn`: the name as an ARN writes it, after `parameter/`, where a
+/// hierarchy's leading `/` is left out.
+fn check_name_and_selector(s: &str, in_arn: bool) -> Result<(), String> {
     let (name, selector) = match s.split_once(':') {
         Some((n, sel)) => (n, Some(sel)),
         None => (s, None),
@@ -110,6 +112,18 @@ fn check_name_and_selector(s: &str) -> Result<(), String> {
     }
     if name.contains("//") || name.ends_with('/') {
         return Err("has an empty path component".into());
+    }
+    // SSM's naming rules (Systems Manager user guide, "Parameter Store:
+    // naming constraints"): a hierarchy starts with `/`, and no name
+    // starts with `aws` or `ssm`, in any case, with or without the `/`.
+    let lower = bare.to_ascii_lowercase();
+    if lower.starts_with("aws") || lower.starts_with("ssm") {
+        return Err("starts with `aws` or `ssm`, which SSM reserves".into());
+    }
+    if !in_arn && bare.contains('/') && !name.starts_with('/') {
+        return Err(format!(
+            "is a hierarchy without its leading `/`: SSM needs /{name}"
+        ));
     }
     if let Some(sel) = selector {
         let ok_label = !sel.is_empty()
@@ -204,6 +218,29 @@ pub fn parse_value(value: &str, secret: bool) -> Result<ParameterSettings, Value
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ssm_naming_rules() {
+        for (raw, why) in [
+            ("fleets/web/target", "SSM needs /fleets/web/target"),
+            ("ssm/fleet", "reserves"),
+            ("/AWS-fleet/web", "reserves"),
+            ("awsfleet", "reserves"),
+        ] {
+            let e = ParameterName::parse(raw).unwrap_err();
+            assert!(e.contains(why), "{raw}: {e}");
+        }
+        for ok in [
+            "/fleets/web/target",
+            "web-target",
+            "/fleets/ssmweb",
+            "my-ssm",
+        ] {
+            ParameterName::parse(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        // An ARN writes a hierarchy without its leading slash.
+        ParameterName::parse("arn:aws:ssm:eu-west-1:123456789012:parameter/fleets/web").unwrap();
+    }
 
     #[test]
     fn replies_match_the_parameter_asked_for() {

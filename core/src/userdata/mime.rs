@@ -12,9 +12,38 @@ const MAX_DEPTH: usize = 8;
 const MAX_PARTS: usize = 100;
 
 pub fn looks_like_mime(bytes: &[u8]) -> bool {
+    let bytes = without_mbox_from(bytes);
     let head = &bytes[..bytes.len().min(32)];
     let head = String::from_utf8_lossy(head).to_ascii_lowercase();
-    head.starts_with("content-type:") || head.starts_with("mime-version:")
+    if head.starts_with("content-type:") || head.starts_with("mime-version:") {
+        return true;
+    }
+    // Our own formats and scripts say what they are on their first line
+    // (`#nixos-ami-agent`, `#!`, JSON): a script that merely mentions
+    // MIME-Version stays a script.
+    if bytes.trim_ascii_start().starts_with(b"#") || bytes.trim_ascii_start().starts_with(b"{") {
+        return false;
+    }
+    // cloud-init's rule (cloudinit/user_data.py, convert_string):
+    // `mime-version:` anywhere in the first 4 KiB, in any case, so a
+    // message whose first header is Subject, From or To is MIME too.
+    bytes[..bytes.len().min(4096)]
+        .to_ascii_lowercase()
+        .windows(b"mime-version:".len())
+        .any(|w| w == b"mime-version:")
+}
+
+/// Without a leading mbox `From ` line, which Python's email library
+/// writes with `unixfrom` (and cloud-init's own test data holds): it is
+/// no header, so neither detection nor parsing should see it.
+pub fn without_mbox_from(bytes: &[u8]) -> &[u8] {
+    match bytes.strip_prefix(b"From ") {
+        Some(rest) => rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(&[][..], |i| &rest[i + 1..]),
+        None => bytes,
+    }
 }
 
 /// A leaf part we care about, already decoded (transfer encoding, gzip).
@@ -28,7 +57,7 @@ pub enum Part {
 /// The parts, each body decoded; gzipped bodies draw on `budget`, shared
 /// with the rest of the user data.
 pub fn parts(bytes: &[u8], budget: &mut gzip::Budget) -> Result<Vec<Part>, String> {
-    let mail = mailparse::parse_mail(bytes).map_err(|e| format!("MIME: {e}"))?;
+    let mail = mailparse::parse_mail(without_mbox_from(bytes)).map_err(|e| format!("MIME: {e}"))?;
     let mut out = Vec::new();
     walk(&mail, 0, &mut out, budget)?;
     Ok(out)

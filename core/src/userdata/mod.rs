@@ -131,8 +131,12 @@ pub fn sniff(raw: &[u8]) -> Result<UserData, SettingsError> {
     if mime::looks_like_mime(bytes) {
         return from_mime(bytes, &mut budget);
     }
-    if first_line(bytes) == HEADER.as_bytes() {
-        return Ok(one(Kind::Toml, Some(toml_layer(bytes)?), vec![]));
+    if is_header(bytes) {
+        return Ok(one(
+            Kind::Toml,
+            Some(toml_layer(without_bom(bytes))?),
+            vec![],
+        ));
     }
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
         if let Some(layer) = json_layer(bytes)? {
@@ -141,6 +145,7 @@ pub fn sniff(raw: &[u8]) -> Result<UserData, SettingsError> {
         return Ok(one(Kind::NotForUs, None, vec![]));
     }
     if bytes.starts_with(b"#!") {
+        check_interpreter(bytes).map_err(|why| invalid(format!("the user data {why}")))?;
         let script = Script {
             label: "user data".into(),
             digest: Digest::of(bytes),
@@ -151,10 +156,95 @@ pub fn sniff(raw: &[u8]) -> Result<UserData, SettingsError> {
     Ok(one(Kind::NotForUs, None, vec![]))
 }
 
-fn first_line(bytes: &[u8]) -> &[u8] {
-    let line = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    line.trim_ascii_end()
+fn without_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes)
+}
+
+/// The `#nixos-ami-agent` header on the first line that is not blank.
+/// Forgiven, because the intent is plain: a UTF-8 byte order mark, blank
+/// lines and indentation before it (an indented heredoc), and a space
+/// after the `#`. TOML itself ignores all of these.
+fn is_header(bytes: &[u8]) -> bool {
+    let first = without_bom(bytes)
+        .split(|&b| b == b'\n')
+        .map(<[u8]>::trim_ascii)
+        .find(|l| !l.is_empty())
+        .unwrap_or_default();
+    let rest = first.strip_prefix(b"#").map(<[u8]>::trim_ascii_start);
+    rest == Some(&HEADER.as_bytes()[1..])
+}
+
+/// A script's first line must name its interpreter by path (the kernel
+/// runs `#!INTERPRETER`; a bare word fails on the instance with "No such
+/// file or directory", long after `validate` could have said so).
+fn check_interpreter(body: &[u8]) -> Result<(), String> {
+    let line = body.split(|&b| b == b'\n').next().unwrap_or_default();
+    let rest = String::from_utf8_lossy(&line[2..]);
+    let interpreter = rest.split_whitespace().next().unwrap_or("");
+    if interpreter.starts_with('/') {
+        return Ok(());
+    }
+    let shown = crate::text::shown(interpreter, 60);
+    let hint = if interpreter.eq_ignore_ascii_case("nixos-ami-agent") {
+        ": settings start with the line `#nixos-ami-agent` (no `!`)"
+    } else if interpreter.is_empty() {
+        ""
+    } else {
+        ", such as `#!/bin/sh` or `#!/usr/bin/env bash`"
+    };
+    Err(format!(
+        "starts with `#!` but names no interpreter path (`#!{shown}`): a script's first line is \
+         `#!/path/to/interpreter`{hint}"
+    ))
+}
+
+/// Why user data that is not for the agent may have been meant for it,
+/// for `validate` and the run's log: what it looks like instead.
+pub fn near_miss(raw: &[u8]) -> Option<&'static str> {
+    let bytes = without_bom(raw);
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(4096)]);
+    let first = text.lines().map(str::trim).find(|l| !l.is_empty())?;
+    let lower = first.to_ascii_lowercase();
+    if lower.starts_with("#cloud-config")
+        || lower.starts_with("#include")
+        || lower.starts_with("#cloud-boothook")
+    {
+        return Some(
+            "this is cloud-init's format; the image runs no cloud-init: put the settings under a first \
+             line `#nixos-ami-agent`, or in a MIME part of type text/x-nixos-ami-agent",
+        );
+    }
+    if lower.contains("nixos-ami-agent") {
+        return Some(
+            "the first line mentions nixos-ami-agent but is not the header `#nixos-ami-agent`",
+        );
+    }
+    let compact: String = text.split_whitespace().collect();
+    if compact.len() >= 16
+        && compact.len().is_multiple_of(4)
+        && compact
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '='))
+        && compact
+            .chars()
+            .any(|c| c.is_ascii_digit() || c == '+' || c == '/' || c == '=')
+    {
+        return Some(
+            "it looks base64-encoded: give EC2 the text itself (the console, the CLI's \
+             --user-data and Terraform's user_data encode it; only a raw API call encodes it once)",
+        );
+    }
+    let nix_like = first.starts_with('{')
+        && (text.contains("config") || text.contains("pkgs"))
+        && (text.contains("}:") || text.contains("imports"));
+    if nix_like {
+        return Some(
+            "it looks like a NixOS configuration (amazon-init's format); this agent applies a flake \
+             output from FlakeHub: `flake = \"ORG/FLAKE/VERSION#nixosConfigurations.NAME\"` under \
+             `#nixos-ami-agent`",
+        );
+    }
+    None
 }
 
 fn utf8<'a>(bytes: &'a [u8], what: &str) -> Result<&'a str, SettingsError> {
@@ -222,6 +312,7 @@ fn from_mime(bytes: &[u8], budget: &mut gzip::Budget) -> Result<UserData, Settin
                         mime::SCRIPT_TYPE
                     )));
                 }
+                check_interpreter(&body).map_err(|why| invalid(format!("MIME {label} {why}")))?;
                 scripts.push(Script {
                     label,
                     digest: Digest::of(&body),
@@ -393,6 +484,72 @@ mod tests {
             ["part 3", "part 4"]
         );
         assert_eq!(u.ignored, ["part 1 (text/cloud-config)"]);
+    }
+
+    #[test]
+    fn mime_as_cloud_init_recognises_it() {
+        let body = "MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"B\"\n\n\
+                    --B\nContent-Type: text/x-nixos-ami-agent\n\nflake = \"o/f/0.1#x\"\n\
+                    --B\nContent-Type: text/x-shellscript\n\n#!/bin/sh\necho one\n--B--\n";
+        // Python's email library with unixfrom=True, as in cloud-init's
+        // test data; and headers before MIME-Version.
+        for ud in [
+            format!("From nobody Mon Jan  1 00:00:00 2024\n{body}"),
+            format!("Subject: web fleet\nFrom: ops@example.com\n{body}"),
+            format!(
+                "subject: x\r\n{}",
+                body.replace("MIME-Version", "mime-version")
+                    .replace('\n', "\r\n")
+            ),
+        ] {
+            let u = sniff(ud.as_bytes()).unwrap();
+            assert_eq!(u.kind, Kind::Mime, "{ud}");
+            assert!(u.settings.is_some(), "{ud}");
+            assert_eq!(u.scripts.len(), 1, "{ud}");
+        }
+        // Past the first 4 KiB, as for cloud-init: not MIME.
+        let late = format!("Subject: x\nX-Pad: {}\n{body}", "p".repeat(4100));
+        assert_eq!(sniff(late.as_bytes()).unwrap().kind, Kind::NotForUs);
+        // A script that mentions MIME-Version stays a script.
+        let script = "#!/bin/sh\nprintf 'MIME-Version: 1.0\\n' | sendmail ops\n";
+        assert_eq!(sniff(script.as_bytes()).unwrap().kind, Kind::Script);
+    }
+
+    #[test]
+    fn near_misses_are_forgiven_or_explained() {
+        for ud in [
+            "\u{feff}#nixos-ami-agent\nflake = \"o/f/0.1#x\"\n",
+            "\n\n#nixos-ami-agent\nflake = \"o/f/0.1#x\"\n",
+            "    #nixos-ami-agent\n    flake = \"o/f/0.1#x\"\n",
+            "# nixos-ami-agent\nflake = \"o/f/0.1#x\"\n",
+            "#nixos-ami-agent\r\nflake = \"o/f/0.1#x\"\r\n",
+        ] {
+            let u = sniff(ud.as_bytes()).unwrap_or_else(|e| panic!("{ud:?}: {e}"));
+            assert_eq!(u.kind, Kind::Toml, "{ud:?}");
+            assert!(u.settings.unwrap().target.is_some(), "{ud:?}");
+        }
+        let e = sniff(b"#!nixos-ami-agent\nflake = \"o/f/0.1#x\"\n").unwrap_err();
+        assert!(e.reason.contains("`#nixos-ami-agent` (no `!`)"), "{e}");
+        let e = sniff(b"#!bash\necho hi\n").unwrap_err();
+        assert!(e.reason.contains("#!/usr/bin/env bash"), "{e}");
+        assert!(sniff(b"#! /bin/sh\necho hi\n").is_ok());
+        let mime = "Content-Type: multipart/mixed; boundary=\"B\"\n\n\
+                    --B\nContent-Type: text/x-shellscript\n\n#!sh\necho hi\n--B--\n";
+        let e = sniff(mime.as_bytes()).unwrap_err();
+        assert!(e.reason.starts_with("MIME part 1 starts with `#!`"), "{e}");
+
+        let hint = |ud: &str| {
+            assert_eq!(sniff(ud.as_bytes()).unwrap().kind, Kind::NotForUs, "{ud}");
+            near_miss(ud.as_bytes()).unwrap_or_else(|| panic!("no hint for {ud:?}"))
+        };
+        assert!(hint("#cloud-config\npackages: [git]\n").contains("cloud-init"));
+        assert!(hint("#nixos-ami-agents\nflake = 1\n").contains("not the header"));
+        assert!(hint("I25peG9zLWFtaS1hZ2VudApmbGFrZSA9ICJvL2YvMC4xI3giCg==\n").contains("base64"));
+        assert!(
+            hint("{ config, pkgs, ... }:\n{\n  services.nginx.enable = true;\n}\n")
+                .contains("NixOS configuration")
+        );
+        assert_eq!(near_miss(b"just some text for another tool\n"), None);
     }
 
     #[test]
