@@ -21,6 +21,7 @@ pub mod doctor;
 pub mod exit;
 pub mod gate;
 pub mod health;
+pub mod history;
 pub mod imds;
 pub mod log;
 pub mod notify;

@@ -369,15 +369,20 @@ fn emit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-    use std::os::unix::fs::PermissionsExt;
 
+    /// Written by a child process: a file this process has open for
+    /// writing can be inherited by a fork in another test's thread, and
+    /// exec of it then fails with ETXTBSY until that fork execs.
     fn script(dir: &Path, body: &str) -> PathBuf {
         let p = dir.join("prog");
-        let mut f = std::fs::File::create(&p).unwrap();
-        writeln!(f, "#!/bin/sh\n{body}").unwrap();
-        drop(f);
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let ok = std::process::Command::new("/bin/sh")
+            .args(["-c", "printf '%s\\n' \"$1\" > \"$0\" && chmod 755 \"$0\""])
+            .arg(&p)
+            .arg(format!("#!/bin/sh\n{body}"))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
         p
     }
 

@@ -290,12 +290,39 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
     let (imds, endpoint) = imds(config, env)?;
     let store = Store::open(&agent.state_dir)?;
     let _lock = store.lock(agent.lock_wait).await?;
+    // Every run that got this far is in the history, however it ends:
+    // also one that never learns which instance it is on.
+    let entry = crate::history::start(store.safe_dir(), system::boot_id(&agent.boot_id));
+    let result = run_locked(config, env, &imds, &endpoint, &store).await;
+    let (outcome, code, message) = match &result {
+        Ok(r) => (
+            match r.outcome {
+                Outcome::Applied => "applied",
+                _ => "nothing to do",
+            },
+            crate::exit::OK,
+            r.message.clone(),
+        ),
+        Err(e) => ("failed", e.exit_code(), e.to_string()),
+    };
+    crate::history::finish(store.safe_dir(), &entry, outcome, code, &message);
+    result
+}
+
+async fn run_locked(
+    config: &Config,
+    env: &Environment,
+    imds: &Imds,
+    endpoint: &str,
+    store: &Store,
+) -> Result<Report, Failure> {
+    let agent = &config.agent;
     let ctx = Context {
         config,
         env,
-        imds: &imds,
-        endpoint: &endpoint,
-        store: &store,
+        imds,
+        endpoint,
+        store,
     };
     notify::status("reading instance metadata");
     let instance_id = imds.instance_id().await?;
@@ -341,7 +368,7 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
         .and_then(|raw| sniff(raw.as_deref()))
     {
         Ok(ud) => ud,
-        Err(e) => return finish(&store, &mut state, record, Err(e), 0),
+        Err(e) => return finish(store, &mut state, record, Err(e), 0),
     };
     let settings = settings(config, &ud);
     let no_health = Default::default();
@@ -362,7 +389,7 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
         record.store_path = from.store_path.clone();
         let g = gate::Gate {
             config,
-            store: &store,
+            store,
             user_health,
             fallback: &settings.health,
             redactor: &Redactor::default(),
@@ -400,7 +427,7 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
             let reboot_back = u.mode == gate::Mode::Booted
                 && matches!(e, Failure::RolledBack(_))
                 && settings.reboot.value != crate::settings::RebootPolicy::Never;
-            let failed = finish(&store, &mut state, record, Err(e), 0);
+            let failed = finish(store, &mut state, record, Err(e), 0);
             if reboot_back && crate::stop::requested().is_none() {
                 // The one reboot back into the previous system. The boot
                 // it is asked in is recorded first: a later boot that
@@ -414,7 +441,7 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
                     h.reboot_boot = this_boot.clone();
                 }
                 store.save(&state)?;
-                if let Err(e) = reboot_if_needed(&store, &mut state, agent).await {
+                if let Err(e) = reboot_if_needed(store, &mut state, agent).await {
                     tracing::error!("{e}");
                 }
             }
@@ -437,7 +464,7 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
     {
         // A bad parameter value is bad input too: nothing runs. Nor after
         // a rollback, or for a rejected target: the run ends there.
-        return finish(&store, &mut state, record, Err(e), 0);
+        return finish(store, &mut state, record, Err(e), 0);
     }
     // A stopping run starts nothing new: scripts wait for the next run.
     let scripts = match crate::stop::requested() {
@@ -458,13 +485,13 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
             signal.as_str()
         )));
     }
-    let mut report = finish(&store, &mut state, record, converged, script_failures)?;
+    let mut report = finish(store, &mut state, record, converged, script_failures)?;
     if crate::stop::requested().is_some() {
         // Asked to stop after the work was done: recorded as it went, but
         // no reboot now; the next run asks for it if it is still needed.
         return Ok(report);
     }
-    if let Some(by) = reboot_if_needed(&store, &mut state, agent).await? {
+    if let Some(by) = reboot_if_needed(store, &mut state, agent).await? {
         report
             .message
             .push_str(&format!("; reboot requested from {by}"));

@@ -337,6 +337,11 @@ impl Store {
         self.dir.join(FILE)
     }
 
+    /// The state directory, for the run's other files (the history).
+    pub fn safe_dir(&self) -> &SafeDir {
+        self.safe()
+    }
+
     fn safe(&self) -> &SafeDir {
         self.safe
             .as_ref()

@@ -14,8 +14,9 @@ fn scenario() -> Scenario {
     s
 }
 
-/// The state dir holds the state, the lock, scripts, and at most the one
-/// fixed-name temp file a write interrupted at the wrong moment leaves.
+/// The state dir holds the state, the run history, the lock, scripts, and
+/// at most the one fixed-name temp file per file that a write interrupted
+/// at the wrong moment leaves.
 fn state_is_sound(s: &Scenario) {
     let dir = s.path("state");
     if let Ok(text) = std::fs::read_to_string(dir.join("state.json")) {
@@ -23,11 +24,24 @@ fn state_is_sound(s: &Scenario) {
             .unwrap_or_else(|e| panic!("state.json is not JSON ({e}): {text}"));
         assert_eq!(v["format"], 1, "{v}");
     }
+    if let Ok(text) = std::fs::read_to_string(dir.join("runs.json")) {
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("runs.json is not JSON ({e}): {text}"));
+        assert!(v.is_array(), "{v}");
+    }
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for e in entries {
             let name = e.unwrap().file_name().into_string().unwrap();
             assert!(
-                ["state.json", "lock", "scripts", ".state.json.tmp"].contains(&name.as_str()),
+                [
+                    "state.json",
+                    "runs.json",
+                    "lock",
+                    "scripts",
+                    ".state.json.tmp",
+                    ".runs.json.tmp"
+                ]
+                .contains(&name.as_str()),
                 "unexpected file in the state dir: {name}"
             );
         }
@@ -241,7 +255,12 @@ fn status_during_a_run_is_consistent() {
         assert_eq!(st.code, 0, "{st:?}");
         let v: serde_json::Value =
             serde_json::from_str(&st.stdout).unwrap_or_else(|e| panic!("{e}: {}", st.stdout));
-        assert!(v.is_null() || v["format"] == 1, "{v}");
+        // Nothing yet, the run history alone (before the state file), or
+        // a whole state with it.
+        assert!(
+            v.is_null() || v["format"] == 1 || (v["format"].is_null() && v["runs"].is_array()),
+            "{v}"
+        );
     }
     let mut run = run;
     run.kill().unwrap();

@@ -75,6 +75,8 @@ fn every_agent_command_in_the_readme_runs() {
     s.user_data(format!("#nixos-ami-agent\nflake = \"{REF}\"\n"));
     let user_data = s.path("user-data.toml");
     std::fs::write(&user_data, format!("#nixos-ami-agent\nflake = \"{REF}\"\n")).unwrap();
+    // A finished run of this boot, for `status --wait`.
+    assert_eq!(s.run(&["run"]).code, 0);
     let ssm_value = s.path("target.toml");
     std::fs::write(&ssm_value, format!("flake = \"{REF}\"\n")).unwrap();
 

@@ -142,7 +142,13 @@ impl Cli {
                 Ok(c) => args.run(&c, &env).await,
                 Err(e) => Err(e),
             },
-            Command::Status(args) => config().and_then(|c| args.run(&c)),
+            Command::Status(args) => match config() {
+                Ok(c) => match args.run(&c).await {
+                    Ok(code) => return code,
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            },
             Command::ForgetRejected(args) => match config() {
                 Ok(c) => args.run(&c).await,
                 Err(e) => Err(e),

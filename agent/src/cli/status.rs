@@ -1,30 +1,145 @@
-//! `status [--json]`: the state file, for people or for machines.
+//! `status [--json] [--wait [--timeout DURATION]]`: the overall result
+//! (the newest run's, with its exit code, from the run history: also runs
+//! that ended before the instance was known), the recent runs, and the
+//! state file, for people or for machines.
 
 use crate::config::Config;
-use crate::exit::Failure;
+use crate::exit::{self, Failure};
+use crate::history::{self, Entry};
+use crate::safe_dir::SafeDir;
 use crate::state::{HealthState, Outcome, RunRecord, Store};
 use clap::Args;
+use std::time::Duration;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Print the state as JSON (`null` when nothing was recorded yet).
+    /// Print the state as JSON, with `result` (the newest run) and `runs`
+    /// (the recent ones); `null` when nothing was recorded yet.
     #[arg(long)]
     pub json: bool,
+    /// Block until a run of this boot has finished and its unit is not
+    /// restarting it, then exit with that run's exit code (like
+    /// `cloud-init status --wait`).
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this long (exit 75); default: wait as long as
+    /// it takes.
+    #[arg(long, requires = "wait", value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+fn runs(config: &Config) -> Vec<Entry> {
+    match SafeDir::existing(&config.agent.state_dir) {
+        Ok(Some(d)) => history::read(&d),
+        _ => vec![],
+    }
+}
+
+fn summary(e: &Entry) -> String {
+    let code = e
+        .exit_code
+        .map(|c| format!(" (exit {c})"))
+        .unwrap_or_default();
+    let when = e.finished.as_deref().unwrap_or(&e.started);
+    let result = if e.result == "running" && e.finished.is_none() {
+        "running (or died: no end recorded)"
+    } else {
+        &e.result
+    };
+    format!(
+        "{result}{code} at {when}{}",
+        e.message
+            .as_deref()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default()
+    )
+}
+
+/// Whether systemd is (re)starting the boot unit: a finished run is not
+/// the last word while its unit waits to restart it.
+async fn boot_unit_busy() -> bool {
+    let Ok(conn) = zbus::Connection::system().await else {
+        return false;
+    };
+    let Ok(m) = crate::systemd::manager(&conn).await else {
+        return false;
+    };
+    let Ok(units) = m.list_units_by_names(&["nixos-ami-agent.service"]).await else {
+        return false;
+    };
+    units
+        .first()
+        .is_some_and(|u| u.3 == "activating" || u.3 == "reloading")
 }
 
 impl StatusArgs {
-    pub fn run(self, config: &Config) -> Result<(), Failure> {
+    /// The exit code: 0, or with `--wait` the awaited run's.
+    pub async fn run(self, config: &Config) -> Result<u8, Failure> {
+        let mut code = exit::OK;
+        if self.wait {
+            let this_boot = crate::system::boot_id(&config.agent.boot_id);
+            let deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
+            loop {
+                let done = runs(config).into_iter().rev().find(|e| {
+                    e.exit_code.is_some() && (this_boot.is_none() || e.boot_id == this_boot)
+                });
+                if let Some(e) = done {
+                    let newest_running = runs(config).last().is_some_and(|l| l.exit_code.is_none());
+                    if !newest_running && !boot_unit_busy().await {
+                        code = e.exit_code.unwrap_or(exit::OK);
+                        break;
+                    }
+                }
+                if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                    eprintln!(
+                        "no run of this boot finished within {}",
+                        humantime::format_duration(self.timeout.unwrap_or_default())
+                    );
+                    return Ok(exit::TEMPFAIL);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        self.show(config)?;
+        Ok(code)
+    }
+
+    fn show(&self, config: &Config) -> Result<(), Failure> {
         let store = Store::at(&config.agent.state_dir);
         let state = store.read()?;
+        let runs = runs(config);
         if self.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&state).expect("state serialises")
-            );
+            let mut v = serde_json::to_value(&state).expect("state serialises");
+            if !runs.is_empty() {
+                let obj = match &mut v {
+                    serde_json::Value::Object(o) => o,
+                    other => {
+                        *other = serde_json::Value::Object(Default::default());
+                        other.as_object_mut().expect("just made")
+                    }
+                };
+                obj.insert(
+                    "result".into(),
+                    serde_json::to_value(runs.last()).expect("serialises"),
+                );
+                obj.insert(
+                    "runs".into(),
+                    serde_json::to_value(&runs).expect("serialises"),
+                );
+            }
+            println!("{}", serde_json::to_string_pretty(&v).expect("serialises"));
             return Ok(());
         }
+        if let Some(last) = runs.last() {
+            println!("result:       {}", summary(last));
+        }
         let Some(state) = state else {
-            println!("no run recorded yet ({})", store.path().display());
+            if runs.is_empty() {
+                println!("no run recorded yet ({})", store.path().display());
+            } else {
+                println!("instance:     not known yet (no run got that far)");
+                print_history(&runs);
+            }
             return Ok(());
         };
         println!("instance:     {}", state.instance_id);
@@ -63,7 +178,17 @@ impl StatusArgs {
                 s.label, s.size, s.sha256, s.started
             );
         }
+        print_history(&runs);
         Ok(())
+    }
+}
+
+fn print_history(runs: &[Entry]) {
+    if runs.len() > 1 {
+        println!("recent runs:  (newest last)");
+        for e in runs.iter().rev().take(5).rev() {
+            println!("  {}", summary(e));
+        }
     }
 }
 
