@@ -363,6 +363,26 @@ fn validate_catches_what_would_fail_on_the_instance() {
             b"#cloud-config\npackages: [git]\n",
             "hint: this is cloud-init's format",
         ),
+        (
+            "reboot-number",
+            b"#nixos-ami-agent\nreboot = 5\n",
+            "key `reboot`: line 2, column 10: must be one of `never`, `if-needed` or `always`",
+        ),
+        (
+            "near-key",
+            b"#nixos-ami-agent\nflakes = \"o/f/0.1#x\"\n",
+            "`login`, `health`; did you mean `flake`?",
+        ),
+        (
+            "github",
+            b"#nixos-ami-agent\nflake = \"github:o/f#x\"\n",
+            "publish it",
+        ),
+        (
+            "trailing-comma.json",
+            b"{\"nixos-ami-agent\": {\"flake\": \"o/f/0.1#x\",}}",
+            "user data: line 1, column 43: trailing comma",
+        ),
     ];
     for (name, body, needle) in cases {
         let f = write(name, body);

@@ -56,6 +56,7 @@ fn json_error(e: &serde_json::Error, key: Option<String>) -> DocError {
         None => text,
     };
     let position = (e.line() > 0).then(|| (e.line(), e.column()));
+    let message = friendly(&message, key.as_deref());
     DocError {
         key,
         position,
@@ -65,11 +66,70 @@ fn json_error(e: &serde_json::Error, key: Option<String>) -> DocError {
 
 fn toml_error(text: &str, e: &toml::de::Error, key: Option<String>) -> DocError {
     let position = e.span().map(|span| line_col(text, span.start));
+    let message = friendly(e.message().trim(), key.as_deref());
     DocError {
         key,
         position,
-        message: e.message().trim().to_owned(),
+        message,
     }
+}
+
+/// The keys whose values are one of a few words.
+const CHOICES: &[(&str, &str)] = &[
+    ("action", "`switch`, `boot` or `test`"),
+    ("reboot", "`never`, `if-needed` or `always`"),
+];
+
+/// The parsers' messages in the operator's words: what a key takes
+/// instead of a Rust type name, and the known key nearest a mistyped one.
+fn friendly(message: &str, key: Option<&str>) -> String {
+    let last = key.map(|k| k.rsplit('.').next().unwrap_or(k));
+    if let Some(choices) = last.and_then(|k| CHOICES.iter().find(|(c, _)| *c == k))
+        && (message.contains("wanted string") || message.starts_with("invalid type"))
+    {
+        return format!("must be one of {}", choices.1);
+    }
+    let mut out = message
+        .replace("wanted string or table", "expected a string")
+        .replace("expected struct Document", "expected a table of settings")
+        .replace("struct Document", "a table of settings");
+    if let (Some(rest), Some(unknown)) = (
+        out.split_once(", expected one of ")
+            .map(|(_, r)| r.to_owned()),
+        out.strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+            .map(str::to_owned),
+    ) {
+        let known: Vec<&str> = rest.split(", ").map(|k| k.trim_matches('`')).collect();
+        if let Some(near) = nearest(&unknown, &known) {
+            out.push_str(&format!("; did you mean `{near}`?"));
+        }
+    }
+    out
+}
+
+/// The known key within two edits of `word` (a typo), if one is.
+fn nearest<'a>(word: &str, known: &[&'a str]) -> Option<&'a str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let cur = row[j + 1];
+                row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+                prev = cur;
+            }
+        }
+        row[b.len()]
+    }
+    known
+        .iter()
+        .map(|k| (distance(&word.to_ascii_lowercase(), k), *k))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, k)| k)
 }
 
 fn key_of(path: &serde_path_to_error::Path) -> Option<String> {
@@ -77,7 +137,8 @@ fn key_of(path: &serde_path_to_error::Path) -> Option<String> {
 }
 
 fn key_of_str(path: &str) -> Option<String> {
-    (!path.is_empty() && path != ".").then(|| path.to_owned())
+    // serde_path_to_error says `?` where no key is known (a syntax error).
+    (!path.is_empty() && path != "." && path != "?").then(|| path.to_owned())
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -120,6 +181,37 @@ mod tests {
         // The unclosed array is reported where it starts or where input ends.
         assert!(matches!(e.position, Some((2 | 3, _))), "{e:?}");
         assert_eq!(e.key, None);
+    }
+
+    #[test]
+    fn messages_in_the_operators_words() {
+        assert_eq!(
+            friendly("wanted string or table", Some("reboot")),
+            "must be one of `never`, `if-needed` or `always`"
+        );
+        assert_eq!(
+            friendly(
+                "unknown variant `swtich`, expected one of `switch`, `boot`, `test`",
+                Some("action")
+            ),
+            "unknown variant `swtich`, expected one of `switch`, `boot`, `test`"
+        );
+        assert_eq!(
+            friendly(
+                "unknown field `flakes`, expected one of `flake`, `ssm-parameter`",
+                None
+            ),
+            "unknown field `flakes`, expected one of `flake`, `ssm-parameter`; did you mean `flake`?"
+        );
+        assert!(
+            !friendly("unknown field `zzzzzz`, expected one of `flake`", None)
+                .contains("did you mean")
+        );
+        assert_eq!(
+            friendly("invalid type: integer `5`, expected struct Document", None),
+            "invalid type: integer `5`, expected a table of settings"
+        );
+        assert_eq!(key_of_str("?"), None);
     }
 
     #[test]

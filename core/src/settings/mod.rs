@@ -175,10 +175,16 @@ impl SettingsError {
     }
 
     pub fn from_doc(source: &Source, e: document::DocError) -> Self {
+        let mut reason = e.describe();
+        // Only the image's config file may set `[agent]`: offered anywhere
+        // else, it would be a key that is then refused.
+        if !matches!(source, Source::ConfigFile(_)) {
+            reason = reason.replace(", `agent`", "");
+        }
         Self {
             origin: source.clone(),
             key: e.key.clone(),
-            reason: e.describe(),
+            reason,
         }
     }
 }

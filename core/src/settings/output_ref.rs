@@ -50,7 +50,9 @@ fn check(raw: &str) -> Result<(), String> {
     }
     if rest.contains(':') {
         return Err(format!(
-            "is a URL or flake reference, not a FlakeHub output reference ({expected})"
+            "is a URL or flake reference, not a FlakeHub output reference ({expected}); \
+             fh applies only flakes published to FlakeHub: publish it (for example with \
+             DeterminateSystems/flakehub-push) and name the published output"
         ));
     }
     let Some((flake, attr)) = rest.split_once('#') else {
