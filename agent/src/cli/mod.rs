@@ -35,13 +35,18 @@ User data the agent acts on (gzip is undone first):
 Anything else is left alone.
 
 Settings: flake | ssm-parameter, action (switch|boot|test), reboot
-(never|if-needed|always), login (true|false). The image's config file sets
-defaults; user data overrides them; an SSM parameter's value overrides both.
+(never|if-needed|always), login (true|false), and the health gate after a
+switch: [health] timeout, required-units, http, rollback, and commands (the
+image's config file only). The image's config file sets defaults; user data
+overrides them; an SSM parameter's value overrides flake, action and reboot.
+An unhealthy switch is rolled back and its store path rejected
+(forget-rejected allows it again).
 
 Examples:
   nixos-ami-agent validate user-data.toml
+  nixos-ami-agent validate --ssm-value target.toml
   nixos-ami-agent plan --user-data user-data.toml
-  nixos-ami-agent status --json
+  nixos-ami-agent status --wait --timeout 15m
   nixos-ami-agent doctor
 
 Logging: NIXOS_AMI_AGENT_LOG=debug (tracing filter syntax).
