@@ -456,3 +456,16 @@ fn validate_catches_what_would_fail_on_the_instance() {
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("-: valid"), "{out:?}");
 }
+
+// `plan --json` says what went wrong in JSON, not nothing.
+#[test]
+fn plan_json_reports_invalid_input_as_json() {
+    let s = Scenario::new();
+    let f = s.path("bad");
+    std::fs::write(&f, b"#nixos-ami-agent\naction = \"swtich\"\n").unwrap();
+    let out = s.run(&["plan", "--json", "--user-data", f.to_str().unwrap()]);
+    assert_eq!(out.code, 65, "{out:?}");
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("JSON on stdout");
+    assert_eq!(v["exit-code"], 65);
+    assert!(v["error"].as_str().unwrap().contains("swtich"), "{v}");
+}

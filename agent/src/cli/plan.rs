@@ -24,7 +24,21 @@ pub struct PlanArgs {
 }
 
 impl PlanArgs {
+    /// With `--json`, a failure is a JSON document on stdout too (what a
+    /// script parses), `{"error": ..., "exit-code": ...}`.
     pub async fn run(self, config: &Config, env: &Environment) -> Result<(), Failure> {
+        let json = self.json;
+        let result = self.plan(config, env).await;
+        if let (true, Err(e)) = (json, &result) {
+            println!(
+                "{}",
+                serde_json::json!({"error": e.to_string(), "exit-code": e.exit_code()})
+            );
+        }
+        result
+    }
+
+    async fn plan(self, config: &Config, env: &Environment) -> Result<(), Failure> {
         let agent = &config.agent;
         let (instance_id, raw, ud, settings, target) = match &self.user_data {
             Some(file) => {
