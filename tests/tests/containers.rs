@@ -388,10 +388,20 @@ fn applies(c: &Container) -> usize {
 }
 
 fn running_system(c: &Container, link: &str) -> String {
-    std::fs::read_link(c.path(&format!("/var/lib/fake-nixos/{link}")))
-        .unwrap()
-        .display()
-        .to_string()
+    let path = c.path(&format!("/var/lib/fake-nixos/{link}"));
+    match std::fs::read_link(&path) {
+        Ok(p) => p.display().to_string(),
+        // Seen once, under heavy load: say everything needed to find out.
+        Err(e) => panic!(
+            "{}: {e}; the directory holds {:?}\n--- console\n{}\n--- journal\n{}",
+            path.display(),
+            std::fs::read_dir(path.parent().unwrap())
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+                .unwrap_or_default(),
+            c.console(),
+            c.journal_text()
+        ),
+    }
 }
 
 // Under a real systemd: the target's switch starts a unit that fails.
