@@ -238,16 +238,7 @@ impl Gate<'_> {
     }
 
     /// Records `h` in this run's record and the apply's, and saves.
-    pub fn run_record(
-        &self,
-        state: &mut State,
-        run: &mut RunRecord,
-        h: &HealthRecord,
-    ) -> Result<(), Failure> {
-        self.record(state, run, h)
-    }
-
-    fn record(
+    pub fn record(
         &self,
         state: &mut State,
         run: &mut RunRecord,

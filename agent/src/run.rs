@@ -789,7 +789,7 @@ async fn converge(
             h.state = HealthState::AwaitingBoot;
             h.mode = Some(gate::Mode::Booted);
             h.applied_boot = this_boot.clone();
-            g.run_record(state, record, &h)?;
+            g.record(state, record, &h)?;
         }
     }
     let id = match outcome {

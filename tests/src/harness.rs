@@ -413,6 +413,18 @@ impl Scenario {
         make_system(&self.path("store"), name, "1")
     }
 
+    /// What the machine does when it reboots: a new boot ID, and the boot
+    /// default becomes the booted and the running system, as NixOS's
+    /// stage 2 makes it.
+    pub fn reboot_into_profile(&self) {
+        self.new_boot();
+        let profile = self.system_profile();
+        for link in ["run/booted-system", "run/current-system"] {
+            std::fs::remove_file(self.path(link)).unwrap();
+            symlink(&profile, self.path(link)).unwrap();
+        }
+    }
+
     /// A new boot as the kernel shows it: the next boot ID. Which system
     /// it booted is the caller's to set (`run/booted-system`).
     pub fn new_boot(&self) {

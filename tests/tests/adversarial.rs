@@ -892,12 +892,7 @@ fn a_stop_during_the_reboot_request_keeps_it_for_the_next_boot() {
     );
 
     // The machine rebooted into the new system: done, nothing asked.
-    s.new_boot();
-    let profile = s.system_profile();
-    for link in ["run/booted-system", "run/current-system"] {
-        std::fs::remove_file(s.path(link)).unwrap();
-        std::os::unix::fs::symlink(&profile, s.path(link)).unwrap();
-    }
+    s.reboot_into_profile();
     let next_boot = s.run(&["run"]);
     assert_eq!(next_boot.code, 0, "{next_boot:?}");
     assert!(next_boot.stderr.contains("nothing to do"), "{next_boot:?}");

@@ -329,7 +329,7 @@ fn an_http_probe_passes_fails_or_passes_within_the_grace() {
 
 #[test]
 fn an_http_probe_elsewhere_is_refused() {
-    let s = scenario("[health]\nhttp = [{ url = \"http://169.254.169.254/latest\" }]");
+    let s = scenario("[health]\nhttp = [{ url = \"http://192.0.2.1/healthz\" }]");
     let out = s.run(&["run"]);
     assert_eq!(out.code, 65, "{out:?}");
     assert!(
@@ -399,17 +399,6 @@ fn boot_is_not_judged_before_the_reboot() {
     assert_eq!(s.switch_lines().len(), 1, "no rollback");
 }
 
-/// What the machine does when it reboots: a new boot ID, and the boot
-/// default becomes the booted and the running system.
-fn reboot_into_profile(s: &Scenario) {
-    s.new_boot();
-    let profile = s.system_profile();
-    for link in ["run/booted-system", "run/current-system"] {
-        std::fs::remove_file(s.path(link)).unwrap();
-        std::os::unix::fs::symlink(&profile, s.path(link)).unwrap();
-    }
-}
-
 #[test]
 fn boot_is_judged_after_the_reboot_and_rolled_back_with_one_more() {
     let mut s = scenario("action = \"boot\"");
@@ -432,7 +421,7 @@ fn boot_is_judged_after_the_reboot_and_rolled_back_with_one_more() {
     );
     assert_eq!(s.reboot_requests().len(), 2);
 
-    reboot_into_profile(&s);
+    s.reboot_into_profile();
     let after = s.run(&["run"]);
     assert_eq!(after.code, 1, "{after:?}");
     assert!(
@@ -462,7 +451,7 @@ fn boot_is_judged_after_the_reboot_and_rolled_back_with_one_more() {
 
     // Back on the previous system: the target is rejected, nothing is
     // applied, and no further reboot (no loop).
-    reboot_into_profile(&s);
+    s.reboot_into_profile();
     let back = s.run(&["run"]);
     assert_eq!(back.code, 65, "{back:?}");
     assert!(back.stderr.contains("was rolled back at"), "{back:?}");
@@ -476,7 +465,7 @@ fn a_healthy_boot_is_confirmed_once() {
     let mut s = scenario("action = \"boot\"");
     s.with_bus(true, false);
     assert_eq!(s.run(&["run"]).code, 0);
-    reboot_into_profile(&s);
+    s.reboot_into_profile();
     let after = s.run(&["run"]);
     assert_eq!(after.code, 0, "{after:?}");
     assert!(
@@ -508,7 +497,7 @@ fn a_switch_that_needs_a_reboot_is_judged_before_and_after_it() {
     );
     // The new kernel brings a failing unit.
     s.units_on("kernel-system", &[("driver.service", "failed")]);
-    reboot_into_profile(&s);
+    s.reboot_into_profile();
     let after = s.run(&["run"]);
     assert_eq!(after.code, 1, "{after:?}");
     assert!(after.stderr.contains("failed units: driver.service"));
@@ -554,7 +543,7 @@ fn a_gate_that_did_not_finish_is_run_by_the_next_run() {
     assert_eq!(applies(&s), 1, "judged, not applied again");
 }
 
-fn signal_when(s: &Scenario, child: &std::process::Child, seen: impl Fn() -> bool) {
+fn signal_when(child: &std::process::Child, seen: impl Fn() -> bool) {
     let t = std::time::Instant::now();
     while !seen() {
         assert!(
@@ -563,7 +552,6 @@ fn signal_when(s: &Scenario, child: &std::process::Child, seen: impl Fn() -> boo
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let _ = s;
     // SAFETY: a signal to the agent we started.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
 }
@@ -574,7 +562,7 @@ fn a_rollback_stopped_halfway_is_finished_by_the_next_run() {
     s.units_on("new-system", &[("web.service", "failed")]);
     s.behaviour.switch_hang = Some("old-system".into());
     let child = s.spawn(&["run"]);
-    signal_when(&s, &child, || {
+    signal_when(&child, || {
         s.switch_lines()
             .iter()
             .any(|l| l.ends_with("old-system switch"))
@@ -656,7 +644,7 @@ fn a_boot_gate_that_did_not_finish_resumes_as_one() {
     let mut s = scenario("action = \"boot\"");
     s.with_bus(true, false);
     assert_eq!(s.run(&["run"]).code, 0);
-    reboot_into_profile(&s);
+    s.reboot_into_profile();
     let started = s.path("check-started");
     let ready = s.path("ready");
     with_command(
@@ -668,7 +656,7 @@ fn a_boot_gate_that_did_not_finish_resumes_as_one() {
         ),
     );
     let child = s.spawn(&["run"]);
-    signal_when(&s, &child, || started.exists());
+    signal_when(&child, || started.exists());
     let out = nixos_ami_agent_tests::harness::finish(child, std::time::Duration::from_secs(30));
     assert_eq!(out.code, 75, "{out:?}");
     assert_eq!(s.state()["last-applied"]["health"]["state"], "pending");
@@ -693,7 +681,7 @@ fn the_reboot_back_is_asked_until_it_happens_but_never_loops() {
     s.with_bus(true, false);
     assert_eq!(s.run(&["run"]).code, 0);
     s.units_on("new-system", &[("web.service", "failed")]);
-    reboot_into_profile(&s);
+    s.reboot_into_profile();
     // Nobody takes the reboot back (no logind, systemd refuses).
     s.with_bus(false, false);
     let out = s.run(&["run"]);

@@ -11,16 +11,6 @@ fn scenario(settings: &str) -> Scenario {
     s
 }
 
-/// What the machine does when it reboots: it boots the boot default.
-fn reboot_into_profile(s: &Scenario) {
-    s.new_boot();
-    let profile = s.system_profile();
-    for link in ["run/booted-system", "run/current-system"] {
-        std::fs::remove_file(s.path(link)).unwrap();
-        std::os::unix::fs::symlink(&profile, s.path(link)).unwrap();
-    }
-}
-
 #[test]
 fn new_kernel_reboots_once_through_logind() {
     let mut s = scenario(&format!("flake = \"{REF_NEW_KERNEL}\""));
@@ -62,7 +52,7 @@ fn new_kernel_reboots_once_through_logind() {
         "{plan:?}"
     );
 
-    reboot_into_profile(&s);
+    s.reboot_into_profile();
     let after = s.run(&["run"]);
     assert_eq!(after.code, 0, "{after:?}");
     assert!(after.stderr.contains("nothing to do"), "{after:?}");
@@ -183,7 +173,7 @@ fn policies() {
     s.with_bus(true, true);
     assert_eq!(s.run(&["run"]).code, 0);
     assert_eq!(s.reboot_requests().len(), 1);
-    reboot_into_profile(&s);
+    s.reboot_into_profile();
     assert_eq!(s.run(&["run"]).code, 0);
     assert_eq!(s.reboot_requests().len(), 1);
 
