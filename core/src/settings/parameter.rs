@@ -166,6 +166,16 @@ pub struct ValueError {
 /// `flake` and optionally `action`/`reboot`.
 pub fn parse_value(value: &str, secret: bool) -> Result<ParameterSettings, ValueError> {
     let trimmed = value.trim();
+    // A reference first: its version requirement may hold `=` (`=1.2.3`,
+    // `>=0.1`), which alone would look like TOML. No TOML document is a
+    // valid reference (an organisation has no `=`, quote or space).
+    if let Ok(flake) = OutputRef::parse(trimmed) {
+        return Ok(ParameterSettings {
+            flake,
+            action: None,
+            reboot: None,
+        });
+    }
     let is_toml = trimmed.contains('\n') || trimmed.contains('=') || trimmed.starts_with('#');
     if !is_toml {
         let flake = OutputRef::parse(trimmed).map_err(|reason| ValueError {
@@ -304,6 +314,16 @@ mod tests {
         let s = parse_value("org/flake/0.1#nixosConfigurations.web\n", false).unwrap();
         assert_eq!(s.flake.as_str(), "org/flake/0.1#nixosConfigurations.web");
         assert_eq!((s.action, s.reboot), (None, None));
+        // A version requirement with `=` is still a reference, not TOML.
+        for r in [
+            "org/flake/=1.2.3#nixosConfigurations.web",
+            "org/flake/>=0.1,<0.2#nixosConfigurations.web",
+        ] {
+            assert_eq!(parse_value(r, false).unwrap().flake.as_str(), r);
+        }
+        // And one-line TOML is still TOML.
+        let s = parse_value("flake=\"org/flake/0.1#x\"", false).unwrap();
+        assert_eq!(s.flake.as_str(), "org/flake/0.1#x");
     }
 
     #[test]
