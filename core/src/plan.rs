@@ -3,6 +3,7 @@
 //! the plan that `plan` prints. No I/O here; table tests below.
 
 use crate::settings::{Action, RebootPolicy, Settings, Source, Sourced};
+use crate::userdata::{Digest, Kind};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -160,16 +161,17 @@ pub fn reboot(i: &RebootInputs<'_>) -> RebootAssessment {
     }
 }
 
-/// A setting as `plan` shows it.
+/// A setting as `plan` shows it: its value in its JSON type (`login` is a
+/// boolean) and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub struct Shown {
-    pub value: String,
+pub struct Shown<V = String> {
+    pub value: V,
     pub source: String,
 }
 
-impl Shown {
-    fn of<T>(s: &Sourced<T>, f: impl Fn(&T) -> String) -> Self {
+impl<V> Shown<V> {
+    fn of<T>(s: &Sourced<T>, f: impl Fn(&T) -> V) -> Self {
         Self {
             value: f(&s.value),
             source: s.source.to_string(),
@@ -192,13 +194,13 @@ pub struct PlannedScript {
 #[serde(rename_all = "kebab-case")]
 pub struct Plan {
     pub instance_id: Option<String>,
-    pub user_data: String,
+    pub user_data: PlannedUserData,
     pub ignored_parts: Vec<String>,
     /// `None`: nothing to apply.
     pub target: Option<Shown>,
     pub action: Shown,
     pub reboot: Shown,
-    pub login: Shown,
+    pub login: Shown<bool>,
     pub scripts: Vec<PlannedScript>,
     pub steps: Vec<String>,
     /// The reboot need is decided after resolving; `plan` does not
@@ -206,9 +208,30 @@ pub struct Plan {
     pub last_reboot: Option<RebootAssessment>,
 }
 
+/// The user data as `plan` shows it: its form, and the size and SHA-256
+/// of what was read (never its content, which may hold secrets).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PlannedUserData {
+    pub kind: Kind,
+    pub description: String,
+    /// `None` when there is none.
+    #[serde(flatten)]
+    pub digest: Option<Digest>,
+}
+
+impl std::fmt::Display for PlannedUserData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.digest {
+            Some(d) => write!(f, "{} ({d})", self.description),
+            None => f.write_str(&self.description),
+        }
+    }
+}
+
 pub struct PlanInputs<'a> {
     pub instance_id: Option<&'a str>,
-    pub user_data: String,
+    pub user_data: PlannedUserData,
     pub ignored_parts: &'a [String],
     pub settings: &'a Settings,
     /// The target as it may be shown (a SecureString's placeholder), or
@@ -281,7 +304,7 @@ pub fn build(i: PlanInputs<'_>) -> Plan {
         }),
         action: Shown::of(&s.action, |a| a.as_str().to_owned()),
         reboot: Shown::of(&s.reboot, |r| r.as_str().to_owned()),
-        login: Shown::of(&s.login, |l| l.to_string()),
+        login: Shown::of(&s.login, |l| *l),
         scripts,
         steps,
         last_reboot: i.last_reboot,
@@ -577,7 +600,7 @@ mod tests {
     #[test]
     fn plan_lists_steps_and_scripts() {
         use crate::settings::{Layer, Target};
-        use crate::userdata::{Digest, Script};
+        use crate::userdata::Script;
         let layer = Layer {
             source: Source::UserData,
             target: Some(Target::Flake(
@@ -598,7 +621,11 @@ mod tests {
         let ran = ["part 2".to_owned()];
         let plan = build(PlanInputs {
             instance_id: Some("i-1"),
-            user_data: "MIME".into(),
+            user_data: PlannedUserData {
+                kind: Kind::Mime,
+                description: "MIME multipart".into(),
+                digest: Some(Digest::of(b"x")),
+            },
             ignored_parts: &[],
             settings: &settings,
             target: Some(("o/f/0.1#x".into(), Source::UserData)),
@@ -619,10 +646,15 @@ mod tests {
         assert_eq!(
             plan.login,
             Shown {
-                value: "false".into(),
+                value: false,
                 source: "user data".into()
             }
         );
+        let json = serde_json::to_value(&plan).unwrap();
+        assert_eq!(json["login"]["value"], serde_json::json!(false));
+        assert_eq!(json["user-data"]["kind"], "mime");
+        assert_eq!(json["user-data"]["size"], 1);
+        assert_eq!(json["user-data"]["sha256"].as_str().unwrap().len(), 64);
         assert_eq!(plan.reboot.source, "built-in default");
         assert_eq!(
             plan.scripts.iter().map(|s| s.will_run).collect::<Vec<_>>(),
@@ -631,7 +663,11 @@ mod tests {
 
         let offline = build(PlanInputs {
             instance_id: None,
-            user_data: "none".into(),
+            user_data: PlannedUserData {
+                kind: Kind::Absent,
+                description: "no user data".into(),
+                digest: None,
+            },
             ignored_parts: &[],
             settings: &Settings::default(),
             target: None,
@@ -643,5 +679,10 @@ mod tests {
         });
         assert_eq!(offline.steps, ["run user-data script part 2"]);
         assert!(offline.target.is_none());
+        let json = serde_json::to_value(&offline).unwrap();
+        assert_eq!(
+            json["user-data"],
+            serde_json::json!({"kind": "absent", "description": "no user data"})
+        );
     }
 }

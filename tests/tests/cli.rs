@@ -49,6 +49,16 @@ fn plan_reads_but_changes_nothing() {
         v["reboot"],
         serde_json::json!({"value": "never", "source": "user data"})
     );
+    // Typed for a script: a boolean, and the user data as fields (its
+    // content is never shown; its size and hash identify it).
+    assert_eq!(
+        v["login"],
+        serde_json::json!({"value": true, "source": "built-in default"})
+    );
+    assert_eq!(v["user-data"]["kind"], "mime", "{v}");
+    assert_eq!(v["user-data"]["description"], "MIME multipart", "{v}");
+    assert!(v["user-data"]["size"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["user-data"]["sha256"].as_str().unwrap().len(), 64, "{v}");
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::exit::Failure;
-use crate::plan::{self, Plan, PlanInputs, RebootAssessment};
+use crate::plan::{self, Plan, PlanInputs, PlannedUserData, RebootAssessment};
 use crate::run::{self, Environment};
 use crate::settings::{Source, Target};
 use crate::state::Store;
@@ -88,9 +88,10 @@ impl PlanArgs {
                 .map(|s| s.scripts.into_iter().map(|r| r.label).collect())
                 .unwrap_or_default()
         });
-        let user_data = match &raw {
-            Some(raw) => format!("{} ({})", ud.kind.describe(), Digest::of(raw)),
-            None => ud.kind.describe().to_owned(),
+        let user_data = PlannedUserData {
+            kind: ud.kind,
+            description: ud.kind.describe().to_owned(),
+            digest: raw.as_deref().map(Digest::of),
         };
         let plan = plan::build(PlanInputs {
             instance_id: instance_id.as_deref(),

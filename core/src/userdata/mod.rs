@@ -19,7 +19,8 @@ pub const HEADER: &str = "#nixos-ami-agent";
 pub const JSON_KEY: &str = "nixos-ami-agent";
 
 /// Which form the user data had.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Kind {
     /// No user data (IMDS 404) or zero bytes.
     Absent,
@@ -54,7 +55,7 @@ pub struct Script {
 
 /// Size and SHA-256: what logs and state say about content they must not
 /// show.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Digest {
     pub size: usize,
     pub sha256: String,
