@@ -63,8 +63,9 @@ pub enum Target {
     Journald,
 }
 
-fn filter() -> EnvFilter {
-    EnvFilter::try_from_env(FILTER_ENV).unwrap_or_else(|_| EnvFilter::new("info"))
+/// `NIXOS_AMI_AGENT_LOG`, else `default`.
+fn filter(default: &str) -> EnvFilter {
+    EnvFilter::try_from_env(FILTER_ENV).unwrap_or_else(|_| EnvFilter::new(default))
 }
 
 /// Whether an event may pass the cap: anything at warn or above, and
@@ -80,7 +81,9 @@ fn within_cap(meta: &tracing::Metadata<'_>) -> bool {
         })
 }
 
-pub fn init(target: Target) {
+/// `default` is the level when `NIXOS_AMI_AGENT_LOG` is unset: `info`,
+/// or `off` for a command whose output says all (`doctor`).
+pub fn init(target: Target, default: &str) {
     // SAFETY: called first thing in main, before the runtime starts any
     // thread: nothing reads the environment concurrently.
     unsafe { std::env::remove_var("LOG_SENSITIVE_BODIES") };
@@ -97,7 +100,7 @@ pub fn init(target: Target) {
                     .with_field_prefix(None)
                     .with_syslog_identifier(SYSLOG_IDENTIFIER.to_owned());
                 tracing_subscriber::registry()
-                    .with(filter())
+                    .with(filter(default))
                     .with(layer.with_filter(cap))
                     .init();
                 return;
@@ -112,7 +115,7 @@ pub fn init(target: Target) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::registry()
-        .with(filter())
+        .with(filter(default))
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)

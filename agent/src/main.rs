@@ -14,7 +14,7 @@ fn main() -> ExitCode {
             });
         }
     };
-    log::init(cli.log);
+    log::init(cli.log, cli.default_log_level());
     // One thread: the agent waits on the network and on children, and a
     // single thread means no other thread can fork while a freshly written
     // user-data script is still open for writing (ETXTBSY).

@@ -87,6 +87,9 @@ pub struct Program<'a> {
     pub timeout: Duration,
     /// Keep stdout for the caller (and log it at debug level only).
     pub capture_stdout: bool,
+    /// Also keep stderr's last lines, redacted and escaped, for a caller
+    /// that explains a failure in its own words (`doctor`).
+    pub capture_stderr: bool,
     pub env: Vec<(OsString, OsString)>,
     pub cwd: Option<&'a Path>,
 }
@@ -99,6 +102,7 @@ impl<'a> Program<'a> {
             step,
             timeout,
             capture_stdout: false,
+            capture_stderr: false,
             env: vec![],
             cwd: None,
         }
@@ -121,7 +125,13 @@ impl<'a> Program<'a> {
 pub struct Output {
     pub status: ExitStatus,
     pub stdout: Vec<u8>,
+    /// The last [`STDERR_TAIL`] lines, when asked for.
+    pub stderr: Vec<String>,
 }
+
+/// How many of stderr's last lines a capture keeps: where programs put
+/// the error that ended them.
+pub const STDERR_TAIL: usize = 20;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProcessError {
@@ -261,14 +271,21 @@ pub async fn run(p: &Program<'_>, redactor: &Redactor) -> Result<Output, Process
             }
         },
     );
+    let capture_err = p.capture_stderr;
+    // Shared with the pump, which lives until the end of this function.
+    let tail = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+    let tail_in = tail.clone();
     let err = pump(child.stderr.take().expect("piped"), move |line, _| {
         let line = String::from_utf8_lossy(line);
-        tracing::info!(
-            step,
-            stream = "stderr",
-            "{}",
-            escape_controls(&bounded(&redactor.apply(&line), MAX_LINE))
-        );
+        let shown = escape_controls(&bounded(&redactor.apply(&line), MAX_LINE)).into_owned();
+        tracing::info!(step, stream = "stderr", "{shown}");
+        if capture_err {
+            let mut tail = tail_in.lock().unwrap_or_else(|p| p.into_inner());
+            if tail.len() == STDERR_TAIL {
+                tail.pop_front();
+            }
+            tail.push_back(shown);
+        }
     });
     let mut pumps = std::pin::pin!(async { tokio::join!(out, err) });
     let mut captured = None;
@@ -299,9 +316,11 @@ pub async fn run(p: &Program<'_>, redactor: &Redactor) -> Result<Output, Process
         captured = timeout(DRAIN_GRACE, &mut pumps).await.ok().map(|(o, _)| o);
     }
     tracing::debug!(step = p.step, program = %p.path.display(), status = %describe(status), "finished");
+    let stderr = std::mem::take(&mut *tail.lock().unwrap_or_else(|p| p.into_inner())).into();
     Ok(Output {
         status,
         stdout: captured.unwrap_or_default(),
+        stderr,
     })
 }
 

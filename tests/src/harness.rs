@@ -315,9 +315,16 @@ impl Scenario {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
+        self.command_with(args, true)
+    }
+
+    fn command_with(&self, args: &[&str], config_flag: bool) -> Command {
         self.write_config();
         let mut c = Command::new(workspace_bin("nixos-ami-agent"));
-        c.arg("--config").arg(self.config_path()).args(args);
+        if config_flag {
+            c.arg("--config").arg(self.config_path());
+        }
+        c.args(args);
         c.env_clear()
             .env("PATH", host_bin())
             .env("HOME", self.root())
@@ -358,6 +365,19 @@ impl Scenario {
 
     pub fn run(&self, args: &[&str]) -> Output {
         finish(self.spawn(args), Duration::from_secs(90))
+    }
+
+    /// As an operator runs a command: without `NIXOS_AMI_AGENT_LOG`.
+    pub fn run_without_log_filter(&self, args: &[&str]) -> Output {
+        let mut c = self.command(args);
+        c.env_remove("NIXOS_AMI_AGENT_LOG");
+        finish(c.spawn().expect("agent starts"), Duration::from_secs(90))
+    }
+
+    /// Without `--config`: the agent reads its default config path.
+    pub fn run_without_config_flag(&self, args: &[&str]) -> Output {
+        let mut c = self.command_with(args, false);
+        finish(c.spawn().expect("agent starts"), Duration::from_secs(90))
     }
 
     pub fn calls(&self) -> Vec<Call> {

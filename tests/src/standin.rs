@@ -38,6 +38,23 @@ pub enum Mode {
     HangIgnoringTerm,
 }
 
+/// How FlakeHub answers `fh resolve`, told the way fh tells it
+/// (DeterminateSystems/fh `FlakeHubClient::resolve` in
+/// `src/cli/cmd/mod.rs`, messages from `src/cli/error.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FlakeHub {
+    /// 401.
+    Unauthorized,
+    /// 403: fh has no message of its own for it.
+    Forbidden,
+    /// The request could not be sent (DNS, connect).
+    Unreachable,
+    /// 200 without a store path: a release published without its output
+    /// paths (fh fails to decode the reply).
+    NoStorePath,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct Behaviour {
@@ -46,6 +63,12 @@ pub struct Behaviour {
     pub login_fail_times: u32,
     pub resolve: Mode,
     pub resolve_fail_times: u32,
+    /// FlakeHub's answer to every resolve, when not the store path.
+    pub flakehub: Option<FlakeHub>,
+    /// The flakes are private: resolve is refused (401) unless a login
+    /// wrote the token fh sends (`$STANDIN_DIR/token`, standing for
+    /// `/nix/var/determinate/token`).
+    pub private: bool,
     pub apply: Mode,
     pub apply_fail_times: u32,
     /// Output ref → store path `fh resolve` prints.
@@ -213,6 +236,17 @@ fn point(link: &Path, to: &Path) {
     std::fs::rename(&tmp, link).unwrap();
 }
 
+/// An error as fh prints it: color-eyre's report (fh builds it without
+/// location and span-trace sections), exit status 1.
+fn fh_error(message: &str) -> ! {
+    eprintln!(
+        "Error: \n   0: {message}\n\nBacktrace omitted. Run with RUST_BACKTRACE=1 environment variable to display it.\n\
+         Run with RUST_BACKTRACE=full to include source snippets.\n\
+         Consider reporting this error using this URL: https://github.com/DeterminateSystems/fh/issues/new"
+    );
+    std::process::exit(1)
+}
+
 fn setup() -> (PathBuf, Vec<String>, Behaviour) {
     let dir = PathBuf::from(std::env::var_os(DIR_ENV).unwrap_or_else(|| DEFAULT_DIR.into()));
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -242,6 +276,7 @@ pub fn determinate_nixd_main() -> ! {
             std::process::exit(1)
         }
         _ => {
+            std::fs::write(dir.join("token"), "stand-in token").unwrap();
             println!("Logged in to FlakeHub (stand-in)");
             std::process::exit(0)
         }
@@ -270,9 +305,30 @@ pub fn fh_main() -> ! {
                 }
                 _ => {}
             }
+            let url = format!(
+                "https://api.flakehub.com/f/{}",
+                reference.replace('#', "/output/")
+            );
+            match b.flakehub {
+                Some(FlakeHub::Unauthorized) => {
+                    fh_error("access to this output reference is not authorized")
+                }
+                Some(FlakeHub::Forbidden) => {
+                    fh_error("http call returned error code 403 Forbidden")
+                }
+                Some(FlakeHub::Unreachable) => fh_error(&format!(
+                    "http error: error sending request for url ({url}): error trying to connect: dns error: failed to lookup address information"
+                )),
+                Some(FlakeHub::NoStorePath) => fh_error(
+                    "http error: error decoding response body: missing field `store_path` at line 1 column 47",
+                ),
+                None => {}
+            }
+            if b.private && !dir.join("token").exists() {
+                fh_error("access to this output reference is not authorized");
+            }
             let Some(path) = b.store_paths.get(reference) else {
-                eprintln!("error: no such flake output {reference}");
-                std::process::exit(1);
+                fh_error(&format!("output reference {reference} not found"));
             };
             let attr = reference.split_once('#').map_or("", |(_, a)| a);
             println!(
@@ -297,9 +353,11 @@ pub fn fh_main() -> ! {
                 use std::io::Write;
                 let _ = std::io::stderr().write_all(raw.as_bytes());
             }
+            if b.private && !dir.join("token").exists() {
+                fh_error("access to this output reference is not authorized");
+            }
             let Some(path) = b.store_paths.get(reference) else {
-                eprintln!("error: no such flake output {reference}");
-                std::process::exit(1);
+                fh_error(&format!("output reference {reference} not found"));
             };
             // fh checks for `nix` by starting it from its PATH before it
             // fetches anything.

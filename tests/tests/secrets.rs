@@ -2,13 +2,13 @@
 //! tokens start with IMDSv2-TOKEN-SECRET-), a SecureString target, and a
 //! user-data body with a marker in its comments. Everything the agent
 //! writes is captured (stderr at debug level, stdout, the state file,
-//! `status`, `status --json`, `plan`, `plan --json`) and none of them may
-//! contain any of the three.
+//! `status`, `status --json`, `plan`, `plan --json`, `doctor`, `doctor
+//! --json`) and none of them may contain any of the three.
 
 use nixos_ami_agent_tests::harness::Scenario;
 use nixos_ami_agent_tests::imds::TOKEN_PREFIX;
 use nixos_ami_agent_tests::ssm::{Fault, Param};
-use nixos_ami_agent_tests::standin::Mode;
+use nixos_ami_agent_tests::standin::{FlakeHub, Mode};
 
 const SECRET_REF: &str = "hush-org/hush-flake/0.1#nixosConfigurations.web";
 const BODY_MARKER: &str = "USERDATA-BODY-SECRET";
@@ -45,6 +45,8 @@ fn outputs(s: &Scenario) -> Vec<(String, String)> {
         &["status", "--json"],
         &["plan"],
         &["plan", "--json"],
+        &["doctor"],
+        &["doctor", "--json"],
     ] {
         let o = s.run(args);
         all.push((format!("{args:?} stdout"), o.stdout));
@@ -114,6 +116,22 @@ fn no_scenario_leaks_a_secret() {
             }),
         ),
         ("no reboot bus", Box::new(|_: &mut Scenario| {})),
+        // fh names the reference in its errors (and FlakeHub's URL, which
+        // holds the flake without its `#`).
+        (
+            "FlakeHub has no such output",
+            Box::new(|s: &mut Scenario| {
+                s.behaviour.store_paths.clear();
+                s.set_agent("retry-budget", "\"1s\"");
+            }),
+        ),
+        (
+            "FlakeHub unreachable",
+            Box::new(|s: &mut Scenario| {
+                s.behaviour.flakehub = Some(FlakeHub::Unreachable);
+                s.set_agent("retry-budget", "\"1s\"");
+            }),
+        ),
     ];
     for (name, configure) in scenarios {
         let s = scenario(configure);

@@ -70,6 +70,17 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// The log level when `NIXOS_AMI_AGENT_LOG` does not set one: doctor's
+    /// checks say what its log lines would (and each retry would be one).
+    pub fn default_log_level(&self) -> &'static str {
+        match self.command {
+            Command::Doctor(_) => "off",
+            _ => "info",
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Converge this instance: what the systemd unit runs at boot and on
@@ -90,9 +101,16 @@ pub enum Command {
     ForgetRejected(forget::ForgetArgs),
     /// Check a user-data file before launching an instance with it.
     Validate(validate::ValidateArgs),
-    /// Check everything a run needs (IMDS, the instance role and the
-    /// principal to register in FlakeHub, the SSM parameter, programs,
-    /// state directory, user data) and say what to do about each failure.
+    /// Check everything a run needs, in seconds, and say what to do about
+    /// each failure.
+    ///
+    /// Programs, state directory, IMDS, the instance role and the principal
+    /// to register in FlakeHub, user data, the SSM parameter, then the
+    /// FlakeHub login (`determinate-nixd login aws`) and `fh resolve` of the
+    /// target, once each. Nothing is applied and no state is written; the
+    /// login refreshes the machine's FlakeHub token, as every run does.
+    /// Each check has a budget of seconds (a run waits minutes at boot).
+    /// Set NIXOS_AMI_AGENT_LOG=debug to see every request and retry.
     Doctor(doctor::DoctorArgs),
     /// Write man pages and shell completions (for packaging).
     #[command(hide = true)]

@@ -1,7 +1,17 @@
 //! `doctor`: every precondition of a successful run, checked one by one,
-//! each with what to do when it fails. Uses the run's own code paths
-//! (config loading, IMDS, user-data sniffing, SSM), and STS's
-//! GetCallerIdentity to show which principal FlakeHub must know.
+//! each with its cause in plain words and the fix for that cause. Uses
+//! the run's own code paths (config loading, IMDS, user-data sniffing,
+//! SSM), STS's GetCallerIdentity to show which principal FlakeHub must
+//! know, and then the two steps most likely to fail: the FlakeHub login
+//! and `fh resolve` of the target (never the apply).
+//!
+//! A run at boot waits minutes for IMDS, the role's credentials and the
+//! network to come up; doctor is run by someone waiting for an answer, so
+//! every check has a budget of seconds ([`NETWORK_BUDGET`],
+//! [`COMMAND_BUDGET`]) and one attempt of each program.
+
+mod causes;
+mod steps;
 
 use crate::config::Config;
 use crate::exit::Failure;
@@ -13,6 +23,12 @@ use crate::settings::{SettingsError, Target};
 use crate::ssm::SsmError;
 use serde::Serialize;
 use std::path::Path;
+use std::time::Duration;
+
+/// Per IMDS, STS or SSM request, retries included.
+pub const NETWORK_BUDGET: Duration = Duration::from_secs(5);
+/// One attempt of `determinate-nixd login aws`, one of `fh resolve`.
+pub const COMMAND_BUDGET: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -59,7 +75,21 @@ pub async fn run(
     env: &Environment,
 ) -> Vec<Check> {
     let mut checks = vec![];
-    let config = match config {
+    let mut config = match config {
+        // Config::load takes a missing default file for the built-in
+        // defaults; doctor says so instead of calling it valid.
+        Ok(c) if !config_path.exists() => {
+            checks.push(check(
+                "config file",
+                Status::Warn,
+                format!(
+                    "{} does not exist; the built-in defaults apply",
+                    config_path.display()
+                ),
+                Some("the NixOS module writes this file: is services.nixos-ami-agent enabled in the image? Elsewhere, name a file with --config"),
+            ));
+            c
+        }
         Ok(c) => {
             checks.push(check(
                 "config file",
@@ -79,7 +109,15 @@ pub async fn run(
             Config::builtin(config_path)
         }
     };
+    config.agent.retry_budget = config.agent.retry_budget.min(NETWORK_BUDGET);
+    config.agent.command_timeout = config.agent.command_timeout.min(COMMAND_BUDGET);
+    let config = config;
     let agent = &config.agent;
+    // (fh, determinate-nixd) can be started.
+    let programs_ok = (
+        check_program(&agent.fh).is_ok(),
+        check_program(&agent.determinate_nixd).is_ok(),
+    );
     for (name, path) in [
         ("fh", &agent.fh),
         ("determinate-nixd", &agent.determinate_nixd),
@@ -132,7 +170,13 @@ pub async fn run(
                 format!("{e} (endpoint {endpoint})"),
                 Some(fix),
             ));
-            for name in ["instance role", "user data", "SSM parameter"] {
+            for name in [
+                "instance role",
+                "user data",
+                "SSM parameter",
+                "FlakeHub login",
+                "target resolves",
+            ] {
                 checks.push(check(name, Status::Skip, "needs IMDS", None));
             }
             return checks;
@@ -169,15 +213,14 @@ pub async fn run(
         }
     };
 
-    checks.push(
-        role(
-            &imds,
-            &region,
-            &endpoint,
-            Backoff::with_budget(agent.retry_budget),
-        )
-        .await,
-    );
+    let (role_check, principal) = role(
+        &imds,
+        &region,
+        &endpoint,
+        Backoff::with_budget(agent.retry_budget),
+    )
+    .await;
+    checks.push(role_check);
 
     let settings = match imds
         .user_data()
@@ -199,16 +242,19 @@ pub async fn run(
             run::settings(&config, &crate::userdata::UserData::absent())
         }
     };
-    let name = match settings.target.as_ref().map(|t| &t.value) {
-        Some(Target::Ssm(name)) => name.as_str().to_owned(),
-        Some(Target::Flake(_)) => {
+    let ssm = match settings.target.as_ref().map(|t| &t.value) {
+        Some(Target::Ssm(name)) => Some(name.as_str().to_owned()),
+        Some(Target::Flake(f)) => {
             checks.push(check(
                 "SSM parameter",
                 Status::Skip,
-                "the target is a flake reference, not a parameter",
+                format!(
+                    "the target is a flake reference ({}), not a parameter",
+                    f.as_str()
+                ),
                 None,
             ));
-            return checks;
+            None
         }
         None => {
             checks.push(check(
@@ -217,26 +263,117 @@ pub async fn run(
                 "no target configured",
                 None,
             ));
+            checks.push(check(
+                "target",
+                Status::Warn,
+                "neither the user data nor the image's config file names a flake or an SSM parameter: a run applies nothing",
+                Some("name one in user data: `flake = \"ORG/FLAKE/VERSION#nixosConfigurations.NAME\"` or `ssm-parameter = \"/fleets/NAME\"`"),
+            ));
+            for name in ["FlakeHub login", "target resolves"] {
+                checks.push(check(name, Status::Skip, "no target", None));
+            }
             return checks;
         }
     };
-    checks.push(match run::resolve_target(&config, env, &imds, &endpoint, settings).await {
-        Ok(r) => check(
-            "SSM parameter",
-            Status::Pass,
-            format!("{name} is readable and names {}", r.shown.unwrap_or_default()),
+    let login_wanted = settings.login.value;
+    let resolved = match run::resolve_target(&config, env, &imds, &endpoint, settings).await {
+        Ok(r) => {
+            if let Some(name) = &ssm {
+                checks.push(check(
+                    "SSM parameter",
+                    Status::Pass,
+                    format!(
+                        "{name} is readable and names {}",
+                        r.shown.as_deref().unwrap_or_default()
+                    ),
+                    None,
+                ));
+            }
+            r
+        }
+        Err(e) => {
+            checks.push(ssm_failure(e));
+            for name in ["FlakeHub login", "target resolves"] {
+                checks.push(check(
+                    name,
+                    Status::Skip,
+                    "needs the target from the SSM parameter",
+                    None,
+                ));
+            }
+            return checks;
+        }
+    };
+    let (Some(flake), Some(shown)) = (&resolved.flake, &resolved.shown) else {
+        return checks;
+    };
+
+    // The two steps a run takes before it changes anything, taken once
+    // each with a short budget: what fails here fails every run.
+    // `logged_in`: by this doctor, just now.
+    let logged_in = if !login_wanted {
+        checks.push(check(
+            "FlakeHub login",
+            Status::Skip,
+            "login = false: fh uses the credentials this machine already has",
             None,
-        ),
-        Err(Failure::Ssm(e @ (SsmError::Denied { .. } | SsmError::NotFound { .. }))) => check(
+        ));
+        false
+    } else if !programs_ok.1 {
+        checks.push(check(
+            "FlakeHub login",
+            Status::Skip,
+            "needs determinate-nixd",
+            None,
+        ));
+        false
+    } else {
+        let c = steps::login(agent, &resolved.redactor, principal.as_deref()).await;
+        let ok = c.status == Status::Pass;
+        checks.push(c);
+        ok
+    };
+    if !programs_ok.0 {
+        checks.push(check("target resolves", Status::Skip, "needs fh", None));
+        return checks;
+    }
+    checks.push(
+        steps::resolve(
+            agent,
+            &resolved.redactor,
+            flake,
+            shown,
+            resolved.settings.action.value,
+            logged_in,
+        )
+        .await,
+    );
+    checks
+}
+
+fn ssm_failure(e: Failure) -> Check {
+    match e {
+        Failure::Ssm(e @ (SsmError::Denied { .. } | SsmError::NotFound { .. })) => check(
             "SSM parameter",
             Status::Fail,
             e.to_string(),
-            Some("create the parameter in the instance's region, and allow the instance role ssm:GetParameter on it (and kms:Decrypt on its key for a SecureString)"),
+            Some(
+                "create the parameter in the instance's region, and allow the instance role ssm:GetParameter on it (and kms:Decrypt on its key for a SecureString)",
+            ),
         ),
-        Err(Failure::Input(e)) => check("SSM parameter", Status::Fail, e.to_string(), Some("fix the parameter's value: an output reference, or TOML with flake/action/reboot")),
-        Err(e) => check("SSM parameter", Status::Fail, e.to_string(), None),
-    });
-    checks
+        Failure::Input(e) => check(
+            "SSM parameter",
+            Status::Fail,
+            e.to_string(),
+            Some(
+                "fix the parameter's value (check it with `nixos-ami-agent validate --ssm-value VALUE`): an output reference, or TOML with flake/action/reboot",
+            ),
+        ),
+        e => {
+            let fix = causes::network_fix(&e.to_string());
+            check("SSM parameter", Status::Fail, e.to_string(), fix.as_deref())
+        }
+    }
 }
 
 /// `fh apply` refuses to run without `nix` on its PATH; look where the
@@ -308,32 +445,30 @@ fn state_dir(dir: &Path) -> Check {
 /// The instance role, as FlakeHub sees it: STS GetCallerIdentity with the
 /// role's credentials, and the principal Determinate's documentation says
 /// to register for `determinate-nixd login aws`.
-async fn role(imds: &Imds, region: &str, endpoint: &str, backoff: Backoff) -> Check {
+async fn role(
+    imds: &Imds,
+    region: &str,
+    endpoint: &str,
+    backoff: Backoff,
+) -> (Check, Option<String>) {
+    const NAME: &str = "instance role";
+    let fail = |detail: String, fix: Option<&str>| (check(NAME, Status::Fail, detail, fix), None);
     match imds.role_name().await {
         Ok(Some(_)) => {}
-        Ok(None) => {
-            return check(
-                "instance role",
-                Status::Fail,
-                "no instance profile is attached",
-                Some(ROLE_NEEDS),
-            );
-        }
-        Err(e) => return check("instance role", Status::Fail, e.to_string(), None),
+        Ok(None) => return fail("no instance profile is attached".into(), Some(ROLE_NEEDS)),
+        Err(e) => return fail(e.to_string(), None),
     }
     let sdk = match crate::aws::sdk_config(&crate::aws::Options::agent(region, endpoint, backoff))
         .await
     {
         Ok(sdk) => sdk,
         Err(e @ crate::aws::SetupError::NoCaCertificates(_)) => {
-            return check(
-                "instance role",
-                Status::Fail,
+            return fail(
                 e.to_string(),
                 Some("install CA certificates (NixOS: security.pki)"),
             );
         }
-        Err(e) => return check("instance role", Status::Fail, e.to_string(), None),
+        Err(e) => return fail(e.to_string(), None),
     };
     let sts = aws_sdk_sts::config::Builder::from(&sdk)
         .interceptor(crate::aws::REPLY_LIMIT)
@@ -348,31 +483,46 @@ async fn role(imds: &Imds, region: &str, endpoint: &str, backoff: Backoff) -> Ch
             let arn = crate::text::shown(who.arn().unwrap_or_default(), 300);
             let arn = arn.as_str();
             match flakehub_principal(arn) {
-                Some(principal) => check(
-                    "instance role",
-                    Status::Pass,
-                    format!(
-                        "the instance is {arn}; register {principal} under ARNs in the FlakeHub organisation's settings"
+                Some(principal) => (
+                    check(
+                        NAME,
+                        Status::Pass,
+                        format!(
+                            "the instance is {arn}; register {principal} under ARNs in the FlakeHub organisation's settings"
+                        ),
+                        None,
+                    ),
+                    Some(principal),
+                ),
+                None => (
+                    check(
+                        NAME,
+                        Status::Warn,
+                        format!(
+                            "the credentials are {arn}, not an instance role (assumed-role/ROLE/i-...)"
+                        ),
+                        Some("on EC2, let the instance profile's role provide the credentials"),
                     ),
                     None,
                 ),
-                None => check(
-                    "instance role",
-                    Status::Warn,
-                    format!(
-                        "the credentials are {arn}, not an instance role (assumed-role/ROLE/i-...)"
-                    ),
-                    Some("on EC2, let the instance profile's role provide the credentials"),
-                ),
             }
         }
-        Err(e) => check(
-            "instance role",
-            Status::Fail,
-            format!("STS GetCallerIdentity failed: {}", crate::aws::describe(&e)),
-            Some(ROLE_NEEDS),
-        ),
+        Err(e) => {
+            let described = crate::aws::describe(&e);
+            // The fix that matches the cause: a network that does not
+            // reach STS is not solved by attaching a role.
+            let fix = causes::network_fix(&described).unwrap_or_else(|| ROLE_NEEDS.to_owned());
+            let sts = sts_endpoint(region);
+            fail(
+                format!("STS GetCallerIdentity ({sts}) failed: {described}"),
+                Some(&fix),
+            )
+        }
     }
+}
+
+fn sts_endpoint(region: &str) -> String {
+    format!("sts.{region}.amazonaws.com")
 }
 
 /// `arn:aws:sts::123456789012:assumed-role/web/i-0abc` →

@@ -48,7 +48,7 @@ pub async fn resolve(
 
 /// fh prints `{"attribute_path": ..., "store_path": ...}`. Anything else
 /// means an incompatible fh: permanent.
-fn parse(stdout: &[u8]) -> Result<PathBuf, String> {
+pub(crate) fn parse(stdout: &[u8]) -> Result<PathBuf, String> {
     let r: Resolved = serde_json::from_slice(stdout)
         .map_err(|e| format!("fh resolve --json printed no usable JSON with a store_path ({e})"))?;
     let p = r.store_path.trim();
