@@ -1,12 +1,21 @@
 #!/usr/bin/env python3
-"""Checks examples/terraform without Terraform (not installable here): every
-file parses as HCL (python-hcl2), the example keeps what the README
-promises, and its user data passes the agent's own `validate`.
+"""Checks examples/terraform.
 
-usage: check-terraform.py AGENT_BINARY
+Everywhere, without Terraform (python-hcl2): every file parses, the example
+keeps what its README promises, and its plain user data and the tfvars
+example's target pass the agent's own `validate`.
+
+With RENDERED, a JSON file that scripts/test has Terraform write (a root
+module calling the example for several fleets; per fleet the user data
+Terraform built and what it was built from): each fleet's user data passes
+`validate` and holds exactly the settings and scripts it was given.
+
+usage: check-terraform.py AGENT_BINARY [RENDERED]
 """
 import glob
+import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -14,12 +23,24 @@ import tempfile
 
 import hcl2
 
+EXAMPLE = "examples/terraform"
+EC2_USER_DATA_MAX = 16 * 1024
+MANAGED_CORE = "arn:${local.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"
+
 agent = sys.argv[1]
-docs = {}
-for path in sorted(glob.glob("examples/terraform/*.tf")):
+rendered = sys.argv[2] if len(sys.argv) > 2 else None
+
+
+def load(path):
     with open(path) as f:
-        docs[path] = hcl2.load(f)  # raises on a syntax error
-print(f"parsed {len(docs)} files")
+        return hcl2.load(f)  # raises on a syntax error
+
+
+docs = {p: load(p) for p in sorted(glob.glob(f"{EXAMPLE}/*.tf"))}
+tests = {p: load(p) for p in sorted(glob.glob(f"{EXAMPLE}/tests/*.tftest.hcl"))}
+tfvars = load(f"{EXAMPLE}/terraform.tfvars.example")
+print(f"parsed {len(docs)} .tf files, {len(tests)} test files, terraform.tfvars.example")
+assert tests, "examples/terraform/tests: the terraform test suite is missing"
 
 
 def unquote(s):
@@ -27,8 +48,8 @@ def unquote(s):
 
 
 def normalise(v):
-    """Labels and strings as Terraform means them, without the quotes
-    python-hcl2 keeps."""
+    """Labels and strings as Terraform means them, without the quotes and
+    bookkeeping keys python-hcl2 keeps."""
     if isinstance(v, dict):
         return {unquote(k): normalise(x) for k, x in v.items() if not k.startswith("__")}
     if isinstance(v, list):
@@ -39,8 +60,7 @@ def normalise(v):
 def heredoc(s):
     """`<<-EOT ... EOT`: the body, with the common indentation removed."""
     m = re.fullmatch(r"<<-?(\w+)\n(.*?)\n\s*\1", s, re.S)
-    if not m:
-        return s
+    assert m, f"not a heredoc: {s!r}"
     lines = m.group(2).split("\n")
     indent = min(len(l) - len(l.lstrip()) for l in lines if l.strip())
     return "\n".join(l[indent:] for l in lines) + "\n"
@@ -52,40 +72,180 @@ def blocks(kind):
             yield normalise(entry)
 
 
-def resources(rtype):
-    for entry in blocks("resource"):
-        if rtype in entry:
-            yield from entry[rtype].values()
+def labelled(kind, rtype):
+    """{name: body} of every `kind "rtype" "name"` block."""
+    out = {}
+    for entry in blocks(kind):
+        out.update(entry.get(rtype, {}))
+    return out
 
+
+def one(kind, rtype):
+    found = labelled(kind, rtype)
+    assert len(found) == 1, f"expected one {kind} {rtype}, found {sorted(found)}"
+    return next(iter(found.values()))
+
+
+def local(name):
+    values = [l[name] for l in blocks("locals") if name in l]
+    assert len(values) == 1, f"local.{name}: {values}"
+    return values[0]
+
+
+def agent_validate(text, *flags):
+    """The agent's verdict on one document, as its --json reports it."""
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
+        f.write(text)
+        f.flush()
+        run = subprocess.run(
+            [agent, "validate", "--json", *flags, f.name], capture_output=True, text=True
+        )
+    [result] = json.loads(run.stdout)
+    assert run.returncode == 0 and result["valid"], (text, run.stdout, run.stderr)
+    return result
+
+
+# Only hashicorp/aws, and no provider configuration: it must validate with
+# the aws provider alone and work as a module (with count and for_each).
+providers = {}
+for t in blocks("terraform"):
+    for rp in t.get("required_providers", []):
+        providers.update(rp)
+assert set(providers) == {"aws"}, f"required_providers other than aws: {sorted(providers)}"
+assert providers["aws"]["source"] == "hashicorp/aws", providers
+assert not list(blocks("provider")), "a provider block: the example must work as a module"
+for kind in ("data", "resource"):
+    for entry in blocks(kind):
+        for rtype in entry:
+            assert rtype.startswith("aws_"), f"{kind} {rtype}: only the aws provider"
 
 # The AMI of your own publication, through the SSM parameter
 # nixos-ami-publish writes; never someone else's image without the agent.
-assert not any("aws_ami" in b for b in blocks("data")), "no aws_ami data source"
-image_id = next(l["image_id"] for l in blocks("locals") if "image_id" in l)
-assert image_id == "resolve:ssm:${var.ami_parameter}", image_id
-default = next(v["ami_parameter"]["default"] for v in blocks("variable") if "ami_parameter" in v)
+assert not labelled("data", "aws_ami"), "no aws_ami data source"
+assert local("image_id") == "resolve:ssm:${var.ami_parameter}", local("image_id")
+variables = {k: v for b in blocks("variable") for k, v in b.items()}
+default = variables["ami_parameter"]["default"]
 assert re.fullmatch(r"/.+/(x86_64|aarch64)-linux/latest", default), default
 
-templates = list(resources("aws_launch_template"))
-assert len(templates) == 2, templates
-for t in templates:
-    assert t["image_id"] == "${local.image_id}", t["image_id"]
-    meta = t["metadata_options"][0]
-    assert unquote(meta["http_tokens"]) == "required", meta
-    assert "iam_instance_profile" in t
+# One launch template, always; IMDSv2 only; the user data checked for size.
+template = one("resource", "aws_launch_template")
+assert "count" not in template and "for_each" not in template, template
+assert template["image_id"] == "${local.image_id}", template["image_id"]
+assert template["metadata_options"][0]["http_tokens"] == "required", template
+assert "iam_instance_profile" in template
+assert template["user_data"] == "${local.user_data_b64}", template["user_data"]
+conditions = [p["condition"] for l in template.get("lifecycle", []) for p in l.get("precondition", [])]
+assert f"${{local.user_data_bytes <= {EC2_USER_DATA_MAX}}}" in conditions, conditions
 
-policy = next(resources("aws_iam_role_policy"))["policy"]
-assert "ssm:GetParameter" in policy and "*" not in policy.split("Action")[1].split("]")[0], policy
-assert next(resources("aws_autoscaling_group"))
+group = one("resource", "aws_autoscaling_group")
+assert group["count"] == "${var.create_autoscaling_group ? 1 : 0}", group.get("count")
+assert group["launch_template"][0]["id"] == "${aws_launch_template.fleet.id}", group
+
+# Terraform creates the fleet's parameter but never sets its value back:
+# rollouts change it with `aws ssm put-parameter --overwrite`.
+parameter = one("resource", "aws_ssm_parameter")
+ignored = [i for l in parameter.get("lifecycle", []) for i in l.get("ignore_changes", [])]
+assert "value" in ignored, f"aws_ssm_parameter: lifecycle.ignore_changes lacks value: {ignored}"
+
+# The inline policy reads the fleet's parameter (and decrypts it with its
+# customer-managed key), nothing else.
+policy = one("resource", "aws_iam_role_policy")["policy"]
+assert re.search(
+    r'Action = \["ssm:GetParameter"\], Resource = aws_ssm_parameter\.target\.arn\}', policy
+), policy
+assert re.search(r'Action = \["kms:Decrypt"\], Resource = var\.parameter_kms_key_arn,', policy), policy
+assert '"kms:EncryptionContext:PARAMETER_ARN" = aws_ssm_parameter.target.arn' in policy, policy
+assert "*" not in policy, f"a wildcard in the fleet's inline policy: {policy}"
+
+# Session Manager and Run Command instead of SSH, in every partition.
+attachment = one("resource", "aws_iam_role_policy_attachment")
+assert attachment["policy_arn"] == MANAGED_CORE, attachment
+assert local("partition") == "${data.aws_partition.current.partition}", local("partition")
+
+# Every variable documented and typed; only the fleet and its first target
+# are required.
+for name, v in variables.items():
+    assert v.get("description"), f"variable {name}: no description"
+    assert v.get("type"), f"variable {name}: no type"
+required = {name for name, v in variables.items() if "default" not in v}
+assert required == {"fleet", "flake_ref"}, required
+for name in ("fleet", "flake_ref", "parameter_name", "subnet_ids", "user_data_scripts"):
+    assert variables[name].get("validation"), f"variable {name}: no validation"
+
 outputs = {k for o in blocks("output") for k in o}
-assert {"role_arn", "flakehub_principal"} <= outputs, outputs
+wanted = {
+    "launch_template_id",
+    "autoscaling_group_name",
+    "role_name",
+    "role_arn",
+    "instance_profile_name",
+    "ssm_parameter",
+    "flakehub_principal",
+    "user_data",
+}
+assert wanted <= outputs, f"outputs missing: {sorted(wanted - outputs)}"
 
-# The user data, with Terraform's interpolation done by hand.
-user_data = heredoc(next(l["user_data"] for l in blocks("locals") if "user_data" in l))
-user_data = user_data.replace("${aws_ssm_parameter.target.name}", "/fleets/example/target")
+# What the comments say about the watch timer: the image does not enable
+# it, the target configuration's services.nixos-ami-agent.watch.enable does.
+for path in docs:
+    with open(path) as f:
+        comments = " ".join(l.split("#", 1)[1] for l in f if l.lstrip().startswith("#"))
+    if "timer" in comments:
+        assert "watch.enable" in comments, f"{path}: a timer comment without watch.enable"
+        assert not re.search(r"timer enabled in the image", comments), path
+
+# The tfvars example: declared variables only, every required one, and a
+# first target the agent accepts as a parameter value.
+given = set(normalise(tfvars))
+assert given <= set(variables), f"terraform.tfvars.example: undeclared {sorted(given - set(variables))}"
+assert required | {"subnet_ids"} <= given, f"terraform.tfvars.example lacks {sorted(required - given)}"
+agent_validate(normalise(tfvars)["flake_ref"] + "\n", "--ssm-value")
+
+with open(f"{EXAMPLE}/README.md") as f:
+    readme = f.read()
+for needle in [*sorted(required), "subnet_ids", "terraform.tfvars.example", "put-parameter", "--overwrite",
+               "ignore_changes", "AmazonSSMManagedInstanceCore", "watch.enable", 'source = "']:
+    assert needle in readme, f"examples/terraform/README.md does not mention {needle}"
+
+# The plain user data, with Terraform's interpolation done by hand.
+settings = heredoc(local("agent_settings"))
+values = {"local.parameter_name": "/fleets/example/target", "var.reboot": variables["reboot"]["default"]}
+settings = re.sub(r"\$\{jsonencode\(([\w.]+)\)\}", lambda m: json.dumps(values[m.group(1)]), settings)
+user_data = local("user_data")
+plain = '"#nixos-ami-agent\\n${local.agent_settings}"'
+assert plain in user_data, user_data
+user_data = "#nixos-ami-agent\n" + settings
 assert "${" not in user_data, user_data
-with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
-    f.write(user_data)
-    f.flush()
-    subprocess.run([agent, "validate", f.name], check=True)
-print("examples/terraform: ok")
+result = agent_validate(user_data)
+assert result["kind"] == "#nixos-ami-agent TOML settings", result
+assert result["settings"] == {"ssm-parameter": "/fleets/example/target", "reboot": "if-needed"}, result
+print("examples/terraform (HCL): ok")
+
+if rendered:
+    with open(rendered) as f:
+        fleets = json.load(f)
+    assert len(fleets) >= 2, fleets
+    kinds = set()
+    for name, fleet in sorted(fleets.items()):
+        user_data = fleet["user_data"]
+        size = len(user_data.encode())
+        assert size <= EC2_USER_DATA_MAX, (name, size)
+        result = agent_validate(user_data)
+        want = {"ssm-parameter": fleet["ssm_parameter"], "reboot": fleet["reboot"]}
+        assert result["settings"] == want, (name, result, want)
+        scripts = [
+            re.fullmatch(r"part \d+ \((\S+)\) \((\d+) bytes, sha256 ([0-9a-f]{64})\)", s).groups()
+            for s in result["scripts"]
+        ]
+        given = [
+            (n, str(len(s.encode())), hashlib.sha256(s.encode()).hexdigest())
+            for n, s in sorted(fleet["scripts"].items())
+        ]
+        assert scripts == given, (name, scripts, given)
+        kind = "MIME multipart" if given else "#nixos-ami-agent TOML settings"
+        assert result["kind"] == kind and not result["ignored"], (name, result)
+        kinds.add(kind)
+        agent_validate(fleet["flake_ref"] + "\n", "--ssm-value")
+        print(f"  fleet {name}: {result['kind']}, {len(scripts)} scripts, {size} bytes: valid")
+    assert len(kinds) == 2, f"the rendered fleets cover only {kinds}"
+    print(f"{os.path.relpath(rendered)}: ok")
