@@ -12,7 +12,7 @@ let
   msrv = (lib.importTOML ../Cargo.toml).workspace.package.rust-version;
 in
 # A clear message instead of a compile error deep in the AWS SDK: NixOS
-# 26.05 ships rustc 1.95, 25.11 an older one (README: supported nixpkgs).
+# 26.05 ships rustc 1.95, 25.11 an older one (README: Prerequisites).
 assert lib.assertMsg (lib.versionAtLeast rustc.version msrv)
   "nixos-ami-agent needs rustc >= ${msrv} (nixpkgs 26.05 or later); this nixpkgs has ${rustc.version}";
 rustPlatform.buildRustPackage {

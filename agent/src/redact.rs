@@ -6,7 +6,7 @@
 //! reference's `ORG/FLAKE/VERSION` part (fh's URLs carry it without the
 //! `#`). A form fh would compute from them (a resolved version, a
 //! percent-encoded URL) is not known here and is not masked; the README
-//! says so.
+//! says so (Reference, Logs and secrets).
 
 use std::borrow::Cow;
 
