@@ -17,6 +17,7 @@ pub use nixos_ami_agent_core::{config, plan, settings, text, userdata};
 
 pub mod aws;
 pub mod cli;
+pub mod compliance;
 pub mod doctor;
 pub mod exit;
 pub mod gate;

@@ -306,6 +306,18 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
         Err(e) => ("failed", e.exit_code(), e.to_string()),
     };
     crate::history::finish(store.safe_dir(), &entry, outcome, code, &message);
+    // Still under the lock: the state read back is this run's.
+    crate::compliance::report(
+        config,
+        env,
+        &imds,
+        &endpoint,
+        &store,
+        &entry.started,
+        outcome,
+        code,
+    )
+    .await;
     result
 }
 

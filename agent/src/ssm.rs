@@ -248,7 +248,7 @@ fn classify(e: SdkError<GetParameterError>) -> Attempt<Fault> {
     }
 }
 
-fn is_throttling(code: &str) -> bool {
+pub(crate) fn is_throttling(code: &str) -> bool {
     matches!(
         code,
         "ThrottlingException"
@@ -259,7 +259,7 @@ fn is_throttling(code: &str) -> bool {
     )
 }
 
-fn is_denied(code: &str) -> bool {
+pub(crate) fn is_denied(code: &str) -> bool {
     matches!(
         code,
         "AccessDeniedException"

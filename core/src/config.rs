@@ -32,6 +32,7 @@ struct AgentTable {
     script_timeout: Option<String>,
     lock_wait: Option<String>,
     reboot_timeout: Option<String>,
+    report_compliance: Option<bool>,
 }
 
 /// What only the image decides.
@@ -63,6 +64,11 @@ pub struct Agent {
     /// The reboot request over D-Bus (connect and call): a bus or logind
     /// that never answers must not hold the run, and its lock, forever.
     pub reboot_timeout: Duration,
+    /// Report each run's outcome to SSM Compliance (`PutComplianceItems`
+    /// on this instance, type `Custom:NixOSAmiAgent`), so a fleet can be
+    /// seen from AWS (`fleet status`). Off by default: the instance role
+    /// needs `ssm:PutComplianceItems`; the AMI profile turns it on.
+    pub report_compliance: bool,
 }
 
 impl Default for Agent {
@@ -83,6 +89,7 @@ impl Default for Agent {
             script_timeout: Duration::from_secs(3600),
             lock_wait: Duration::from_secs(30),
             reboot_timeout: Duration::from_secs(30),
+            report_compliance: false,
         }
     }
 }
@@ -311,6 +318,7 @@ fn agent(t: AgentTable, source: &Source) -> Result<Agent, SettingsError> {
         script_timeout: duration("script-timeout", t.script_timeout, d.script_timeout)?,
         lock_wait: duration("lock-wait", t.lock_wait, d.lock_wait)?,
         reboot_timeout: duration("reboot-timeout", t.reboot_timeout, d.reboot_timeout)?,
+        report_compliance: t.report_compliance.unwrap_or(d.report_compliance),
     };
     if let Some(e) = &agent.imds_endpoint {
         check_endpoint(e).map_err(|why| err("imds-endpoint", why))?;

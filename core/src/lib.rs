@@ -10,6 +10,7 @@
 //! does the effects around it; the fuzzer and the property tests need
 //! nothing else.
 
+pub mod compliance;
 pub mod config;
 pub mod health;
 pub mod plan;

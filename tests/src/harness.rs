@@ -196,7 +196,18 @@ impl Scenario {
             .store_paths
             .insert(REF_NEW_KERNEL.into(), store.join("kernel-system"));
         let imds = ImdsDouble::start(rt(), Imds::default(), delay);
-        let ssm = SsmDouble::start(rt(), Ssm::default());
+        // The instance is a managed instance (its SSM agent registered),
+        // so it may report compliance.
+        let ssm = SsmDouble::start(
+            rt(),
+            Ssm {
+                instances: vec![crate::ssm::Instance {
+                    id: INSTANCE_ID.into(),
+                    tags: vec![("Fleet".into(), "web".into())],
+                }],
+                ..Ssm::default()
+            },
+        );
         let sts = StsDouble::start(rt());
         // systemd is on the system bus of every NixOS machine: the health
         // gate asks it after each switch.
@@ -548,6 +559,9 @@ pub fn publish_command(endpoint: &str, region: &str, home: &Path, args: &[&str])
         .stderr(Stdio::piped());
     c
 }
+
+/// The IMDS double's instance.
+pub const INSTANCE_ID: &str = "i-0123456789abcdef0";
 
 pub fn finish(mut child: Child, limit: Duration) -> Output {
     use std::io::Read;

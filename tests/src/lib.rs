@@ -22,6 +22,7 @@ pub mod harness;
 pub mod imds;
 pub mod moto;
 pub mod ssm;
+pub mod ssm_compliance;
 pub mod standin;
 pub mod sts;
 pub mod tls;

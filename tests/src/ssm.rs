@@ -87,9 +87,37 @@ impl Request {
     }
 }
 
+/// What a `PutComplianceItems` left for one instance and compliance type
+/// (COMPLETE mode: the last upload replaces the items).
+#[derive(Debug, Clone)]
+pub struct Compliance {
+    pub resource_id: String,
+    pub resource_type: String,
+    pub compliance_type: String,
+    /// `ExecutionSummary` as sent (`ExecutionTime` in epoch seconds).
+    pub execution: serde_json::Value,
+    pub items: Vec<serde_json::Value>,
+}
+
+/// A managed instance (what the SSM agent registers): only these can hold
+/// compliance, as for the real service.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub id: String,
+    pub tags: Vec<(String, String)>,
+}
+
 #[derive(Debug, Default)]
 pub struct Ssm {
     pub params: HashMap<String, Param>,
+    /// Managed instances; `PutComplianceItems` on another ID fails with
+    /// `InvalidResourceId`.
+    pub instances: Vec<Instance>,
+    /// Keyed by (resource ID, compliance type).
+    pub compliance: std::collections::BTreeMap<(String, String), Compliance>,
+    /// Faults for one operation only (`PutComplianceItems`, ...), taken
+    /// before `faults`.
+    pub op_faults: HashMap<String, VecDeque<Fault>>,
     /// Parameters not in `params` are read, at each request, from
     /// `DIR/<name without leading />.json` (`{"type", "value", "version"}`),
     /// so a test can change a parameter while the agent runs.
@@ -171,7 +199,7 @@ impl SsmDouble {
     }
 }
 
-fn json(status: u16, body: serde_json::Value) -> Response {
+pub(crate) fn json(status: u16, body: serde_json::Value) -> Response {
     Response::builder()
         .status(status)
         .header("content-type", "application/x-amz-json-1.1")
@@ -180,7 +208,7 @@ fn json(status: u16, body: serde_json::Value) -> Response {
         .unwrap()
 }
 
-fn error(status: u16, kind: &str, message: &str) -> Response {
+pub(crate) fn error(status: u16, kind: &str, message: &str) -> Response {
     json(
         status,
         serde_json::json!({"__type": kind, "message": message}),
@@ -205,8 +233,16 @@ async fn handle(state: Arc<Mutex<Ssm>>, headers: HeaderMap, body: Bytes) -> Resp
             at: Instant::now(),
         };
         s.requests.push(request.clone());
+        let op = request
+            .target
+            .as_deref()
+            .and_then(|t| t.strip_prefix("AmazonSSM."))
+            .unwrap_or_default()
+            .to_owned();
         let fault = if s.always_throttle {
             Some(Fault::Throttling)
+        } else if let Some(f) = s.op_faults.get_mut(&op).and_then(VecDeque::pop_front) {
+            Some(f)
         } else {
             s.faults.pop_front()
         };
@@ -257,7 +293,10 @@ async fn handle(state: Arc<Mutex<Ssm>>, headers: HeaderMap, body: Bytes) -> Resp
             }
             None => None,
         };
-        let response = response.unwrap_or_else(|| answer(&s, &request, renamed.as_deref()));
+        let response = response.unwrap_or_else(|| match op.as_str() {
+            "GetParameter" => answer(&s, &request, renamed.as_deref()),
+            _ => crate::ssm_compliance::answer(&mut s, &op, &request),
+        });
         (delay, response)
     };
     if let Some(d) = delay {

@@ -1,0 +1,215 @@
+//! Reports each run's outcome to SSM Compliance on this instance
+//! (`PutComplianceItems`, type `Custom:NixOSAmiAgent`; what is reported is
+//! decided in `nixos_ami_agent_core::compliance`). On with `[agent]
+//! report-compliance = true` (the AMI profile's default).
+//!
+//! Reporting is a side channel: a failure is logged and never changes the
+//! run's result or exit code. It is retried within the retry budget when
+//! it may heal (throttling, 5xx, network), and what it sends comes from
+//! the state file, which never holds a SecureString's value.
+
+use crate::aws;
+use crate::config::Config;
+use crate::imds::Imds;
+use crate::retry::{self, Attempt, Backoff, RetryError};
+use crate::run::Environment;
+use crate::state::{State, Store};
+use aws_sdk_ssm::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ssm::primitives::DateTime;
+use aws_sdk_ssm::types::{
+    ComplianceExecutionSummary, ComplianceItemEntry, ComplianceSeverity, ComplianceStatus,
+    ComplianceUploadType,
+};
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use nixos_ami_agent_core::compliance::{self as core, Report, Run};
+
+/// After a run that started at `started` (RFC 3339, seconds): `result`
+/// and `exit_code` as the history records them.
+#[allow(clippy::too_many_arguments)]
+pub async fn report(
+    config: &Config,
+    env: &Environment,
+    imds: &Imds,
+    endpoint: &str,
+    store: &Store,
+    started: &str,
+    result: &str,
+    exit_code: u8,
+) {
+    if !config.agent.report_compliance {
+        return;
+    }
+    if crate::stop::requested().is_some() {
+        tracing::info!("compliance: not reported, the run was stopped");
+        return;
+    }
+    let state = match store.read() {
+        Ok(Some(s)) => s,
+        // The run ended before it knew the instance (IMDS unreachable):
+        // there is nothing to report it on, and likely no way to.
+        Ok(None) | Err(_) => {
+            tracing::info!("compliance: not reported, the run did not get to know the instance");
+            return;
+        }
+    };
+    // A run that failed before it recorded itself (IMDS did not say which
+    // instance this is) left the previous run's record: not this run's
+    // to report.
+    if state
+        .last_run
+        .as_ref()
+        .is_none_or(|r| r.started.as_str() < started)
+    {
+        tracing::info!("compliance: not reported, the run did not get to know the instance");
+        return;
+    }
+    let Some(report) = build(config, &state, result, exit_code) else {
+        return;
+    };
+    let region = match &env.region {
+        Some(r) => r.clone(),
+        None => match imds.region().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("compliance: not reported: {e}");
+                return;
+            }
+        },
+    };
+    let backoff = Backoff::with_budget(config.agent.retry_budget);
+    match put(&state.instance_id, &report, &region, endpoint, backoff).await {
+        Ok(()) => tracing::info!(
+            compliance = report.status.as_str(),
+            "compliance: reported {} to SSM ({})",
+            report.status.as_str(),
+            core::COMPLIANCE_TYPE
+        ),
+        Err(e) => tracing::warn!(
+            "compliance: the outcome could not be reported to SSM, the run's result stands: {e}"
+        ),
+    }
+}
+
+fn build(config: &Config, state: &State, result: &str, exit_code: u8) -> Option<Report> {
+    let run = state.last_run.as_ref()?;
+    let running = crate::system::canonical(&config.agent.current_system)
+        .map(|p| p.to_string_lossy().into_owned());
+    let target = run.target.as_ref();
+    let health = run.health.as_ref().and_then(|h| {
+        serde_json::to_value(h.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+    });
+    let finished = run.finished.clone().unwrap_or_else(crate::state::now);
+    Some(core::report(&Run {
+        result,
+        exit_code,
+        message: run.message.as_deref().unwrap_or_default(),
+        target: target.map(|t| t.flake.as_str()),
+        ssm_parameter: target.and_then(|t| t.ssm_parameter.as_deref()),
+        ssm_version: target.and_then(|t| t.ssm_version),
+        action: run.action.map(|a| a.as_str()),
+        store_path: run.store_path.as_deref(),
+        running: running.as_deref(),
+        health: health.as_deref(),
+        finished: &finished,
+        agent_version: env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+async fn put(
+    instance_id: &str,
+    report: &Report,
+    region: &str,
+    endpoint: &str,
+    backoff: Backoff,
+) -> Result<(), String> {
+    let sdk = aws::sdk_config(&aws::Options::agent(region, endpoint, backoff))
+        .await
+        .map_err(|e| e.to_string())?;
+    let client = aws_sdk_ssm::Client::from_conf(
+        aws_sdk_ssm::config::Builder::from(&sdk)
+            .interceptor(aws::REPLY_LIMIT)
+            .build(),
+    );
+    let item = ComplianceItemEntry::builder()
+        .id(core::ITEM_ID)
+        .title(&report.title)
+        .severity(ComplianceSeverity::from(report.severity.as_str()))
+        .status(ComplianceStatus::from(report.status.as_str()))
+        .set_details(Some(
+            report
+                .details
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        ))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let now = std::time::SystemTime::now();
+    let summary = ComplianceExecutionSummary::builder()
+        .execution_time(DateTime::from(now))
+        .execution_id(&report.execution_id)
+        .execution_type(core::EXECUTION_TYPE)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let r = retry::retry(&backoff, "SSM PutComplianceItems", |_| {
+        let (client, item, summary) = (client.clone(), item.clone(), summary.clone());
+        async move {
+            let sent = client
+                .put_compliance_items()
+                .resource_id(instance_id)
+                .resource_type(core::RESOURCE_TYPE)
+                .compliance_type(core::COMPLIANCE_TYPE)
+                .execution_summary(summary)
+                .items(item)
+                .upload_type(ComplianceUploadType::Complete)
+                .send();
+            match crate::stop::or_stop(sent).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(classify(e)),
+                Err(i) => Err(Attempt::Fail(i.to_string())),
+            }
+        }
+    })
+    .await;
+    r.map_err(|e| match e {
+        RetryError::Permanent(e) => e,
+        RetryError::Exhausted {
+            last,
+            attempts,
+            elapsed,
+        } => format!(
+            "gave up after {attempts} attempts in {:.1}s: {last}",
+            elapsed.as_secs_f64()
+        ),
+        RetryError::Stopped(i) => i.to_string(),
+    })
+}
+
+fn classify<E>(e: SdkError<E, HttpResponse>) -> Attempt<String>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let detail = aws::describe(&e);
+    match &e {
+        SdkError::ServiceError(se) => {
+            let status = se.raw().status().as_u16();
+            let code = se.err().code().unwrap_or_default();
+            if crate::ssm::is_throttling(code) || status >= 500 {
+                Attempt::retry(detail)
+            } else if crate::ssm::is_denied(code) || status == 403 {
+                Attempt::Fail(format!(
+                    "{detail}; the instance role needs ssm:PutComplianceItems"
+                ))
+            } else {
+                Attempt::Fail(detail)
+            }
+        }
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            Attempt::retry(detail)
+        }
+        _ if detail.contains("credentials") => Attempt::retry(detail),
+        _ => Attempt::Fail(detail),
+    }
+}

@@ -1,0 +1,228 @@
+//! Every run reports its outcome to SSM Compliance on its own instance
+//! (`report-compliance = true`): COMPLIANT when it runs its target,
+//! NON_COMPLIANT with the reason otherwise; a SecureString target is never
+//! revealed; a report that fails never changes the run's result.
+
+use nixos_ami_agent_tests::harness::{INSTANCE_ID, REF, Scenario, toml_user_data};
+use nixos_ami_agent_tests::ssm::{Fault, Param};
+use nixos_ami_agent_tests::standin::Mode;
+
+const TYPE: &str = "Custom:NixOSAmiAgent";
+
+fn scenario(settings: &str) -> Scenario {
+    let mut s = Scenario::new();
+    s.user_data(toml_user_data(settings));
+    s.set_agent("report-compliance", "true");
+    s
+}
+
+fn fleet() -> Scenario {
+    let s = scenario("ssm-parameter = \"/fleets/web\"");
+    s.ssm
+        .with(|x| x.params.insert("/fleets/web".into(), Param::string(REF, 7)));
+    s
+}
+
+/// The item the instance reported, and its execution summary.
+fn reported(s: &Scenario) -> (serde_json::Value, serde_json::Value) {
+    s.ssm.with(|x| {
+        let c = x
+            .compliance
+            .get(&(INSTANCE_ID.to_owned(), TYPE.to_owned()))
+            .unwrap_or_else(|| panic!("nothing reported: {:?}", x.compliance));
+        assert_eq!(c.resource_type, "ManagedInstance");
+        assert_eq!(c.items.len(), 1, "{:?}", c.items);
+        (c.items[0].clone(), c.execution.clone())
+    })
+}
+
+fn puts(s: &Scenario) -> usize {
+    s.ssm.with(|x| {
+        x.requests
+            .iter()
+            .filter(|r| r.target.as_deref() == Some("AmazonSSM.PutComplianceItems"))
+            .count()
+    })
+}
+
+#[test]
+fn an_applied_target_is_compliant_with_what_it_runs() {
+    let s = fleet();
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let (item, exec) = reported(&s);
+    assert_eq!(item["Status"], "COMPLIANT", "{item}");
+    assert_eq!(item["Id"], "nixos-configuration");
+    assert_eq!(item["Title"], format!("runs {REF}"));
+    let d = &item["Details"];
+    let new = s.store_path("new-system").display().to_string();
+    assert_eq!(d["Target"], REF);
+    assert_eq!(d["StorePath"], new);
+    assert_eq!(d["Running"], new);
+    assert_eq!(d["ExitCode"], "0");
+    assert_eq!(d["Result"], "applied");
+    assert_eq!(d["SsmParameter"], "/fleets/web");
+    assert_eq!(d["SsmVersion"], "7");
+    assert_eq!(d["Action"], "switch");
+    assert_eq!(d["Health"], "healthy");
+    assert_eq!(exec["ExecutionId"], "v7 new-system");
+    assert_eq!(exec["ExecutionType"], "nixos-ami-agent run");
+    assert!(exec["ExecutionTime"].is_number(), "{exec}");
+    assert!(
+        out.stderr.contains("compliance: reported COMPLIANT"),
+        "{out:?}"
+    );
+
+    // The next run, nothing to do: reported again (the time moves on).
+    let again = s.run(&["run"]);
+    assert_eq!(again.code, 0, "{again:?}");
+    assert_eq!(puts(&s), 2);
+    let (item, _) = reported(&s);
+    assert_eq!(item["Status"], "COMPLIANT");
+    assert_eq!(item["Details"]["Result"], "nothing to do");
+}
+
+#[test]
+fn a_failed_run_is_non_compliant_with_its_reason_and_exit_code() {
+    let mut s = fleet();
+    s.behaviour.apply = Mode::Fail;
+    s.set_agent("retry-budget", "\"1s\"");
+    let out = s.run(&["run"]);
+    assert_ne!(out.code, 0, "{out:?}");
+    let (item, exec) = reported(&s);
+    assert_eq!(item["Status"], "NON_COMPLIANT", "{item}");
+    assert_eq!(item["Severity"], "HIGH", "{item}");
+    let title = item["Title"].as_str().unwrap();
+    assert!(
+        title.starts_with(&format!("failed (exit {}): ", out.code)),
+        "{title}"
+    );
+    assert_eq!(item["Details"]["ExitCode"], out.code.to_string());
+    assert_eq!(
+        item["Details"]["Running"],
+        s.store_path("old-system").display().to_string()
+    );
+    assert_eq!(exec["ExecutionId"], "v7 old-system");
+}
+
+#[test]
+fn a_rolled_back_target_is_critical() {
+    let mut s = fleet();
+    s.units_on("new-system", &[("web.service", "failed")]);
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let (item, _) = reported(&s);
+    assert_eq!(item["Status"], "NON_COMPLIANT");
+    assert_eq!(item["Severity"], "CRITICAL");
+    assert!(
+        item["Title"].as_str().unwrap().contains("web.service"),
+        "{item}"
+    );
+    assert_eq!(item["Details"]["Health"], "rolled-back");
+}
+
+#[test]
+fn no_target_is_compliant() {
+    let s = scenario("reboot = \"never\"");
+    assert_eq!(s.run(&["run"]).code, 0);
+    let (item, exec) = reported(&s);
+    assert_eq!(item["Status"], "COMPLIANT");
+    assert_eq!(item["Title"], "no target configured");
+    assert_eq!(exec["ExecutionId"], "- old-system");
+}
+
+#[test]
+fn a_securestring_target_is_never_reported() {
+    const SECRET: &str = "hush-org/hush-flake/0.1#nixosConfigurations.web";
+    for apply in [Mode::Ok, Mode::Fail] {
+        let mut s = scenario("ssm-parameter = \"/fleets/secret\"");
+        s.ssm.with(|x| {
+            x.params
+                .insert("/fleets/secret".into(), Param::secure(SECRET, 2))
+        });
+        s.behaviour
+            .store_paths
+            .insert(SECRET.into(), s.store_path("new-system"));
+        s.behaviour.apply = apply;
+        s.set_agent("retry-budget", "\"1s\"");
+        s.run(&["run"]);
+        let (item, exec) = reported(&s);
+        let all = format!("{item} {exec}");
+        for secret in ["hush-org", "hush-flake"] {
+            assert!(!all.contains(secret), "{apply:?}: {all}");
+        }
+        assert_eq!(item["Details"]["Target"], "<SecureString /fleets/secret>");
+    }
+}
+
+#[test]
+fn reporting_is_retried_when_throttled() {
+    let s = fleet();
+    s.ssm.with(|x| {
+        x.op_faults.insert(
+            "PutComplianceItems".into(),
+            [Fault::Throttling, Fault::Status500].into(),
+        )
+    });
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(puts(&s), 3);
+    assert_eq!(reported(&s).0["Status"], "COMPLIANT");
+}
+
+#[test]
+fn a_report_that_fails_never_fails_the_run() {
+    // Denied (the role lacks ssm:PutComplianceItems), always throttled
+    // past the budget, and an instance SSM does not manage.
+    for case in ["denied", "throttled", "unmanaged"] {
+        let mut s = fleet();
+        s.set_agent("retry-budget", "\"1s\"");
+        match case {
+            "denied" => s.ssm.with(|x| {
+                x.op_faults
+                    .insert("PutComplianceItems".into(), [Fault::AccessDenied].into());
+            }),
+            "throttled" => s.ssm.with(|x| {
+                x.op_faults.insert(
+                    "PutComplianceItems".into(),
+                    std::iter::repeat_n(Fault::Throttling, 500).collect(),
+                );
+            }),
+            _ => s.ssm.with(|x| x.instances.clear()),
+        }
+        let out = s.run(&["run"]);
+        assert_eq!(out.code, 0, "{case}: {out:?}");
+        assert_eq!(s.current_system(), s.store_path("new-system"), "{case}");
+        assert!(
+            out.stderr.contains(
+                "compliance: the outcome could not be reported to SSM, the run's result stands"
+            ),
+            "{case}: {out:?}"
+        );
+        if case == "denied" {
+            assert!(out.stderr.contains("ssm:PutComplianceItems"), "{out:?}");
+        }
+        assert!(s.ssm.with(|x| x.compliance.is_empty()), "{case}");
+        assert_eq!(s.state()["last-run"]["outcome"], "applied", "{case}");
+    }
+}
+
+#[test]
+fn off_by_default() {
+    let mut s = fleet();
+    s.agent.retain(|(k, _)| k != "report-compliance");
+    assert_eq!(s.run(&["run"]).code, 0);
+    assert_eq!(puts(&s), 0);
+}
+
+#[test]
+fn a_run_that_never_learned_the_instance_reports_nothing() {
+    let s = fleet();
+    assert_eq!(s.run(&["run"]).code, 0);
+    // IMDS gone: the run fails before it knows the instance; the previous
+    // run's record is not reported again as this one.
+    s.imds.with(|i| i.token_forbidden = true);
+    let out = s.run(&["run"]);
+    assert_ne!(out.code, 0, "{out:?}");
+    assert_eq!(puts(&s), 1, "{out:?}");
+}
