@@ -241,6 +241,38 @@ where
     }
 }
 
+/// One attempt's failure, for the retry loop: throttling, 5xx, timeouts
+/// and the network may heal; a denial is permanent and gets `denied_hint`
+/// (the permission the caller needs).
+pub fn attempt<E>(e: SdkError<E, HttpResponse>, denied_hint: &str) -> crate::retry::Attempt<String>
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    use crate::retry::Attempt;
+    let detail = describe(&e);
+    match &e {
+        SdkError::ServiceError(se) => {
+            let status = se.raw().status().as_u16();
+            let code = se.err().code().unwrap_or_default();
+            if crate::ssm::is_throttling(code) || status >= 500 {
+                Attempt::retry(detail)
+            } else if crate::ssm::is_denied(code) || status == 403 {
+                Attempt::Fail(format!("{detail}; {denied_hint}"))
+            } else {
+                Attempt::Fail(detail)
+            }
+        }
+        SdkError::ResponseError(_) if find_in_chain::<ReplyTooLarge>(&e).is_some() => {
+            Attempt::Fail(detail)
+        }
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            Attempt::retry(detail)
+        }
+        _ if detail.contains("credentials") => Attempt::retry(detail),
+        _ => Attempt::Fail(detail),
+    }
+}
+
 /// The error's sources, joined, without the raw reply `DisplayErrorContext`
 /// adds.
 fn chain(e: &dyn std::error::Error) -> String {

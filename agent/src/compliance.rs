@@ -14,13 +14,11 @@ use crate::imds::Imds;
 use crate::retry::{self, Attempt, Backoff, RetryError};
 use crate::run::Environment;
 use crate::state::{State, Store};
-use aws_sdk_ssm::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ssm::primitives::DateTime;
 use aws_sdk_ssm::types::{
     ComplianceExecutionSummary, ComplianceItemEntry, ComplianceSeverity, ComplianceStatus,
     ComplianceUploadType,
 };
-use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use nixos_ami_agent_core::compliance::{self as core, Report, Run};
 
 /// After a run that started at `started` (RFC 3339, seconds): `result`
@@ -167,7 +165,10 @@ async fn put(
                 .send();
             match crate::stop::or_stop(sent).await {
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(classify(e)),
+                Ok(Err(e)) => Err(aws::attempt(
+                    e,
+                    "the instance role needs ssm:PutComplianceItems",
+                )),
                 Err(i) => Err(Attempt::Fail(i.to_string())),
             }
         }
@@ -185,31 +186,4 @@ async fn put(
         ),
         RetryError::Stopped(i) => i.to_string(),
     })
-}
-
-fn classify<E>(e: SdkError<E, HttpResponse>) -> Attempt<String>
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-{
-    let detail = aws::describe(&e);
-    match &e {
-        SdkError::ServiceError(se) => {
-            let status = se.raw().status().as_u16();
-            let code = se.err().code().unwrap_or_default();
-            if crate::ssm::is_throttling(code) || status >= 500 {
-                Attempt::retry(detail)
-            } else if crate::ssm::is_denied(code) || status == 403 {
-                Attempt::Fail(format!(
-                    "{detail}; the instance role needs ssm:PutComplianceItems"
-                ))
-            } else {
-                Attempt::Fail(detail)
-            }
-        }
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            Attempt::retry(detail)
-        }
-        _ if detail.contains("credentials") => Attempt::retry(detail),
-        _ => Attempt::Fail(detail),
-    }
 }

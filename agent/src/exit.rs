@@ -77,6 +77,9 @@ pub enum Failure {
     /// The target resolves to a store path that was rolled back before.
     #[error("{0}")]
     Rejected(String),
+    /// `fleet status`: AWS refused or could not be reached.
+    #[error("{message}")]
+    Fleet { message: String, transient: bool },
 }
 
 impl Failure {
@@ -97,7 +100,11 @@ impl Failure {
                 | StepError::Interrupted { .. },
             )
             | Failure::State(StateError::Locked { .. } | StateError::Interrupted { .. })
-            | Failure::Interrupted(_) => TEMPFAIL,
+            | Failure::Interrupted(_)
+            | Failure::Fleet {
+                transient: true, ..
+            } => TEMPFAIL,
+            Failure::Fleet { .. } => UNAVAILABLE,
             Failure::Imds(_) | Failure::Ssm(_) | Failure::Step(StepError::Missing { .. }) => {
                 UNAVAILABLE
             }

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod compliance;
 pub mod doctor;
 pub mod exit;
+pub mod fleet;
 pub mod gate;
 pub mod health;
 pub mod history;

@@ -12,6 +12,7 @@
 
 pub mod compliance;
 pub mod config;
+pub mod fleet;
 pub mod health;
 pub mod plan;
 pub mod settings;

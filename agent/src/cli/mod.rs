@@ -2,6 +2,7 @@
 
 mod assets;
 mod doctor;
+mod fleet;
 mod forget;
 mod plan;
 mod status;
@@ -112,6 +113,9 @@ pub enum Command {
     /// Each check has a budget of seconds (a run waits minutes at boot).
     /// Set NIXOS_AMI_AGENT_LOG=debug to see every request and retry.
     Doctor(doctor::DoctorArgs),
+    /// A fleet as AWS sees it: `fleet status`, run with your own AWS
+    /// credentials, not on an instance.
+    Fleet(fleet::FleetArgs),
     /// Write man pages and shell completions (for packaging).
     #[command(hide = true)]
     GenerateAssets(assets::AssetsArgs),
@@ -158,6 +162,10 @@ impl Cli {
             },
             Command::GenerateAssets(args) => args.run(),
             Command::Doctor(args) => match args.run(self.config.clone(), &env).await {
+                Ok(code) => return code,
+                Err(e) => Err(e),
+            },
+            Command::Fleet(args) => match args.run(&env).await {
                 Ok(code) => return code,
                 Err(e) => Err(e),
             },
