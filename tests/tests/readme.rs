@@ -176,6 +176,8 @@ fn every_agent_command_in_the_docs_runs() {
     let mut s = Scenario::new();
     s.imds.with(|i| i.role = Some("web-fleet-role".into()));
     s.use_instance_role();
+    // For `fleet status`, which an operator runs with a region of theirs.
+    s.env.push(("AWS_REGION".into(), "eu-west-1".into()));
     s.ssm.with(|x| {
         x.params
             .insert("/fleets/web/target".into(), Param::string(REF, 1))
@@ -229,13 +231,14 @@ fn every_agent_command_in_the_docs_runs() {
     }
 }
 
-const AGENT_COMMANDS: [&str; 6] = [
+const AGENT_COMMANDS: [&str; 7] = [
     "run",
     "plan",
     "status",
     "forget-rejected",
     "validate",
     "doctor",
+    "fleet",
 ];
 const PUBLISH_COMMANDS: [&str; 4] = ["upload", "prune", "smoke-test", "snapshot"];
 
@@ -260,11 +263,17 @@ fn invocations(command: &str, program: &str) -> Vec<(Option<String>, Vec<String>
         }
         let end = rest.find(['"', '\'']).unwrap_or(rest.len());
         let words: Vec<&str> = rest[..end].split_whitespace().collect();
-        let sub = words
+        let mut sub = words
             .iter()
             .find(|w| !w.starts_with(['-', '[']))
             .filter(|w| known.contains(w))
             .map(|w| w.to_string());
+        // `fleet` has subcommands of its own.
+        if sub.as_deref() == Some("fleet")
+            && let Some(next) = words.get(1).filter(|w| !w.starts_with('-'))
+        {
+            sub = Some(format!("fleet {next}"));
+        }
         let flags = words
             .iter()
             .filter_map(|w| {
@@ -284,7 +293,7 @@ fn invocations(command: &str, program: &str) -> Vec<(Option<String>, Vec<String>
 
 fn help(program: &str, sub: Option<&str>) -> String {
     let mut c = Command::new(workspace_bin(program));
-    c.args(sub)
+    c.args(sub.into_iter().flat_map(str::split_whitespace))
         .arg("--help")
         .env_clear()
         .env("PATH", host_bin())
