@@ -450,6 +450,157 @@ fn fleet(
     (*sorted.last().unwrap(), p99, mean)
 }
 
+/// How long one run takes to apply a new target once it has read the
+/// parameter (download from FlakeHub Cache and switch): uniform in this
+/// range, seconds. An assumption, the same for both models.
+const APPLY_SECS: (u64, u64) = (60, 120);
+/// From `put-parameter` to the association's first command on an
+/// instance (EventBridge delivery, State Manager scheduling): an
+/// assumption.
+const PUSH_START_SECS: f64 = 10.0;
+/// SSM's standard-throughput GetParameter limit, per account and region.
+const SSM_TPS: u64 = 40;
+
+/// A rollout's simulated outcome: per-instance change-to-converged
+/// latencies and the GetParameter calls it caused.
+struct Rollout {
+    p50: f64,
+    p99: f64,
+    all: f64,
+    peak_tps: u64,
+    mean_tps: f64,
+    throttled: u64,
+    /// Runs whose read outlasted the retry budget (exit 75): not
+    /// converged by this rollout.
+    gave_up: u64,
+}
+
+/// The agent's default retry budget, seconds.
+const RETRY_BUDGET: f64 = 120.0;
+
+/// SSM's limit as a per-second budget: a call over it is throttled and
+/// retried after the agent's backoff (agent/src/retry.rs,
+/// `Backoff::with_budget`: 50 ms doubling to 5 s, equal jitter); returns
+/// when the call got through, or `None` when the retry budget ran out.
+fn get_parameter(calls: &mut Vec<u64>, throttled: &mut u64, t0: f64, rng: &mut Rng) -> Option<f64> {
+    let delay = |failures: u32, rng: &mut Rng| {
+        let exp = (0.05 * f64::from(1u32 << (failures - 1).min(16))).min(5.0);
+        exp / 2.0 + exp / 2.0 * (rng.below(1_000) as f64 / 1_000.0)
+    };
+    let mut t = t0;
+    let mut failures = 0;
+    loop {
+        let sec = t as usize;
+        if sec >= calls.len() {
+            calls.resize(sec + 1, 0);
+        }
+        calls[sec] += 1;
+        if calls[sec] <= SSM_TPS {
+            return Some(t);
+        }
+        *throttled += 1;
+        failures += 1;
+        t += delay(failures, rng);
+        if t - t0 > RETRY_BUDGET {
+            return None;
+        }
+    }
+}
+
+fn summarize(mut latencies: Vec<f64>, calls: &[u64], throttled: u64, gave_up: u64) -> Rollout {
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: usize| latencies[(latencies.len() * q / 100).min(latencies.len() - 1)];
+    let all = *latencies.last().unwrap();
+    let window = &calls[..(all.ceil() as usize).min(calls.len()).max(1)];
+    Rollout {
+        p50: at(50),
+        p99: at(99),
+        all,
+        peak_tps: window.iter().copied().max().unwrap_or(0),
+        mean_tps: window.iter().sum::<u64>() as f64 / window.len() as f64,
+        throttled,
+        gave_up,
+    }
+}
+
+/// The pull model: the parameter changes at t = 0 and each instance sees
+/// it at its next timer run (its phase spread evenly over its period).
+fn rollout_by_timer(instances: u64, interval: u64, delay: u64) -> Rollout {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut calls = vec![0u64; 4 * 3600];
+    let mut throttled = 0;
+    let mut latencies = vec![];
+    let mut gave_up = 0;
+    for _ in 0..instances {
+        let period = 1 + interval + rng.below(delay + 1);
+        let mut next = rng.below(period) as f64;
+        // A run that gave up is retried at the next timer run.
+        let read = loop {
+            match get_parameter(&mut calls, &mut throttled, next, &mut rng) {
+                Some(t) => break t,
+                None => {
+                    gave_up += 1;
+                    next += (1 + interval + rng.below(delay + 1)) as f64;
+                }
+            }
+        };
+        let apply = (APPLY_SECS.0 + rng.below(APPLY_SECS.1 - APPLY_SECS.0 + 1)) as f64;
+        latencies.push(read + apply);
+        // Its later runs (nothing to do) still read the parameter.
+        let mut t = read + apply + 1.0 + (interval + rng.below(delay + 1)) as f64;
+        while (t as usize) < calls.len() {
+            get_parameter(&mut calls, &mut throttled, t, &mut rng);
+            t += (1 + interval + rng.below(delay + 1)) as f64;
+        }
+    }
+    summarize(latencies, &calls, throttled, gave_up)
+}
+
+/// The push model: the parameter's change starts the association, which
+/// runs the agent on `concurrency` instances at a time (State Manager's
+/// MaxConcurrency, a sliding window); `background` is a slow timer still
+/// running as a safety net (0: none).
+fn rollout_by_push(instances: u64, concurrency: u64, background: u64) -> Rollout {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut calls = vec![0u64; 4 * 3600];
+    let mut throttled = 0;
+    if background > 0 {
+        for _ in 0..instances {
+            let mut t = rng.below(background) as f64;
+            while (t as usize) < calls.len() {
+                calls[t as usize] += 1;
+                t += background as f64;
+            }
+        }
+    }
+    // Free times of the association's slots.
+    let mut slots = std::collections::BinaryHeap::new();
+    for _ in 0..concurrency.min(instances) {
+        slots.push(std::cmp::Reverse(PUSH_START_SECS.to_bits()));
+    }
+    let mut latencies = vec![];
+    let mut gave_up = 0;
+    for _ in 0..instances {
+        let std::cmp::Reverse(free) = slots.pop().expect("a slot");
+        let start = f64::from_bits(free);
+        let done = match get_parameter(&mut calls, &mut throttled, start + 0.5, &mut rng) {
+            Some(read) => {
+                let apply = (APPLY_SECS.0 + rng.below(APPLY_SECS.1 - APPLY_SECS.0 + 1)) as f64;
+                latencies.push(read + apply);
+                read + apply
+            }
+            // The command failed (exit 75): counted against MaxErrors, and
+            // the instance left to the next push or its timer.
+            None => {
+                gave_up += 1;
+                start + RETRY_BUDGET
+            }
+        };
+        slots.push(std::cmp::Reverse(done.to_bits()));
+    }
+    summarize(latencies, &calls, throttled, gave_up)
+}
+
 fn file_size(path: &std::path::Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.len())
 }
@@ -764,6 +915,105 @@ fn main() {
         1 + DEFAULT_INTERVAL,
         1 + DEFAULT_INTERVAL + DEFAULT_DELAY,
         10_000.0 / avg_period
+    )
+    .unwrap();
+
+    eprintln!("rollout simulation");
+    writeln!(
+        w,
+        "\n### Rolling out: the timer alone, or pushed by State Manager\n"
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "Simulated: 10 000 instances; the fleet's parameter changes at t = 0. Each run reads the \
+         parameter (GetParameter, at most {SSM_TPS} per second; a throttled call is retried with the \
+         agent's own backoff) and then applies the new target in {}–{} s (download and switch; an \
+         assumption, the same for both models). Timer: each instance sees the change at its next run. \
+         Push: the change starts the association (`ssm-documents/`, {PUSH_START_SECS:.0} s from \
+         `put-parameter` to the first command, an assumption), which runs the agent on MaxConcurrency \
+         instances at a time. Latency is from the change to the instance running the target; calls/s \
+         are over the rollout, including the timer's own runs where one is on.\n",
+        APPLY_SECS.0, APPLY_SECS.1
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "| model | p50 | p99 | all converged | GetParameter calls, mean | peak (retries included) | throttled calls | runs that gave up (exit 75) |"
+    )
+    .unwrap();
+    writeln!(w, "|---|---|---|---|---|---|---|---|").unwrap();
+    let minutes = |s: f64| format!("{:.1} min", s / 60.0);
+    let rollouts: Vec<(String, Rollout)> = vec![
+        (
+            format!(
+                "timer, {} min + up to {} min (the module's default)",
+                DEFAULT_INTERVAL / 60,
+                DEFAULT_DELAY / 60
+            ),
+            rollout_by_timer(10_000, DEFAULT_INTERVAL, DEFAULT_DELAY),
+        ),
+        (
+            "timer, 5 min + up to 1 min".into(),
+            rollout_by_timer(10_000, 300, 60),
+        ),
+        (
+            "push, MaxConcurrency 10 % (1 000), no timer".into(),
+            rollout_by_push(10_000, 1_000, 0),
+        ),
+        (
+            "push, MaxConcurrency 100 %, no timer".into(),
+            rollout_by_push(10_000, 10_000, 0),
+        ),
+        (
+            "push, MaxConcurrency 200, 60 min timer as a safety net".into(),
+            rollout_by_push(10_000, 200, 3600),
+        ),
+        (
+            "push, MaxConcurrency 50, no timer".into(),
+            rollout_by_push(10_000, 50, 0),
+        ),
+    ];
+    for (name, r) in &rollouts {
+        writeln!(
+            w,
+            "| {name} | {} | {} | {} | {:.1}/s | {}/s | {} | {} |",
+            minutes(r.p50),
+            minutes(r.p99),
+            if r.gave_up == 0 {
+                minutes(r.all)
+            } else {
+                format!("never in this push ({} gave up)", r.gave_up)
+            },
+            r.mean_tps,
+            r.peak_tps,
+            r.throttled,
+            r.gave_up
+        )
+        .unwrap();
+    }
+    let (timer, push, all_at_once) = (&rollouts[0].1, &rollouts[2].1, &rollouts[3].1);
+    writeln!(
+        w,
+        "\nAt MaxConcurrency 10 % the association runs the fleet in waves of 1 000, each as long as an \
+         apply: the median instance runs the new target after {} (default timer: {}), the whole fleet \
+         after {} (timer: {}), and each wave's 1 000 reads at once are throttled and retried \
+         ({} throttled calls in all). All at once (100 %), the reads alone take 10 000 / {SSM_TPS} = \
+         250 s, longer than a run's {RETRY_BUDGET:.0} s retry budget: {} runs give up (exit 75, \
+         which MaxErrors counts), and the rest converge within {}. What pushing adds is not speed but control: a \
+         canary first, waves, and MaxErrors stopping the rollout at the first unhealthy instances (the \
+         health gate makes the command fail), instead of every instance taking the change within one \
+         timer period. The timer stays useful as a slow safety net for an instance the push missed \
+         (stopped, or launched during the rollout): at 60 minutes it adds 10 000 / 3 600 ≈ 2.8 \
+         calls/s. Any interval of at least 250 s keeps 10 000 instances under {SSM_TPS} calls/s on \
+         average (10 000 / 250 = 40); 15 minutes leaves room for launches and other callers (section 4).",
+        minutes(push.p50),
+        minutes(timer.p50),
+        minutes(push.all),
+        minutes(timer.all),
+        push.throttled,
+        all_at_once.gave_up,
+        minutes(all_at_once.all),
     )
     .unwrap();
 
