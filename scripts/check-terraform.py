@@ -2,8 +2,11 @@
 """Checks examples/terraform.
 
 Everywhere, without Terraform (python-hcl2): every file parses, the example
-keeps what its README promises, and its plain user data and the tfvars
-example's target pass the agent's own `validate`.
+keeps what its README promises (among them the push rollouts of
+rollouts.tf: the repository's Command document, an association with rate
+control on the fleet's tag, an EventBridge rule on the fleet's parameter;
+and the instance role's ssm:PutComplianceItems), and its plain user data
+and the tfvars example's target pass the agent's own `validate`.
 
 With RENDERED, a JSON file that scripts/test has Terraform write (a root
 module calling the example for several fleets; per fleet the user data
@@ -149,13 +152,31 @@ assert "value" in ignored, f"aws_ssm_parameter: lifecycle.ignore_changes lacks v
 
 # The inline policy reads the fleet's parameter (and decrypts it with its
 # customer-managed key), nothing else.
-policy = one("resource", "aws_iam_role_policy")["policy"]
+policies = labelled("resource", "aws_iam_role_policy")
+FLEET_ROLE = "${aws_iam_role.fleet.id}"
+assert policies["read_target"]["role"] == FLEET_ROLE, policies["read_target"]
+policy = policies["read_target"]["policy"]
 assert re.search(
     r'Action = \["ssm:GetParameter"\], Resource = aws_ssm_parameter\.target\.arn\}', policy
 ), policy
 assert re.search(r'Action = \["kms:Decrypt"\], Resource = var\.parameter_kms_key_arn,', policy), policy
 assert '"kms:EncryptionContext:PARAMETER_ARN" = aws_ssm_parameter.target.arn' in policy, policy
 assert "*" not in policy, f"a wildcard in the fleet's inline policy: {policy}"
+
+# The agent reports each run's outcome on its own instance (SSM Compliance,
+# PutComplianceItems): the instance role may, whatever else is attached.
+# That statement is the only "*" in the instance role's own policies.
+fleet_policies = {n: p["policy"] for n, p in policies.items() if p.get("role") == FLEET_ROLE}
+reporting = [n for n, p in fleet_policies.items() if '"ssm:PutComplianceItems"' in p]
+assert reporting, f"no policy of the instance role allows ssm:PutComplianceItems: {sorted(fleet_policies)}"
+for n, p in fleet_policies.items():
+    assert "count" not in policies[n], f"aws_iam_role_policy.{n}: the instance role's policies are unconditional"
+    if "*" in p:
+        assert re.fullmatch(
+            r'\$\{jsonencode\(\{Version = "2012-10-17", Statement = \[\{Sid = "\w+", Effect = "Allow", '
+            r'Action = \["ssm:PutComplianceItems"\], Resource = "\*"\}\]\}\)\}',
+            p,
+        ), f"aws_iam_role_policy.{n}: a wildcard beyond ssm:PutComplianceItems: {p}"
 
 # Session Manager and Run Command instead of SSH, in every partition.
 attachment = one("resource", "aws_iam_role_policy_attachment")
@@ -172,6 +193,67 @@ assert required == {"fleet", "flake_ref"}, required
 for name in ("fleet", "flake_ref", "parameter_name", "subnet_ids", "user_data_scripts"):
     assert variables[name].get("validation"), f"variable {name}: no validation"
 
+# Push rollouts: when the parameter changes, EventBridge starts (through
+# a one-step runbook) a State Manager association that runs the
+# repository's Command document on the fleet's instances, with rate
+# control. Each piece exists exactly when push_rollouts is true.
+PUSH = "${var.push_rollouts ? 1 : 0}"
+assert variables["push_rollouts"]["type"] == "bool", variables["push_rollouts"]
+assert isinstance(variables["push_rollouts"].get("default"), bool), variables["push_rollouts"]
+documents = labelled("resource", "aws_ssm_document")
+association = one("resource", "aws_ssm_association")
+rule = one("resource", "aws_cloudwatch_event_rule")
+target = one("resource", "aws_cloudwatch_event_target")
+rollout_role = labelled("resource", "aws_iam_role")["rollout"]
+for what, r in [("aws_ssm_document.converge", documents["converge"]),
+                ("aws_ssm_document.start_rollout", documents["start_rollout"]),
+                ("aws_ssm_association", association), ("aws_cloudwatch_event_rule", rule),
+                ("aws_cloudwatch_event_target", target), ("aws_iam_role.rollout", rollout_role),
+                ("aws_iam_role_policy.rollout", policies["rollout"])]:
+    assert r.get("count") == PUSH, f"{what}: count is not {PUSH}: {r.get('count')}"
+
+# The Command document is the repository's file, read as it is.
+converge = documents["converge"]
+assert (converge["document_type"], converge["document_format"]) == ("Command", "YAML"), converge
+m = re.fullmatch(r'\$\{file\("\$\{path\.module\}/([^"]+)"\)\}', converge["content"])
+assert m, f"aws_ssm_document.converge: content is not file(\"${{path.module}}/...\"): {converge['content']}"
+document_file = os.path.normpath(os.path.join(EXAMPLE, m.group(1)))
+assert document_file.startswith("ssm-documents" + os.sep) and document_file.endswith(".yaml"), document_file
+assert os.path.isfile(document_file), f"aws_ssm_document.converge reads {document_file}, which does not exist"
+
+# The association runs it on the fleet's tag, with rate control.
+assert association["name"] == "${aws_ssm_document.converge[0].name}", association
+[targets] = association["targets"]
+assert targets["key"] == "tag:Fleet" and targets["values"] == ["${var.fleet}"], targets
+fleet_tags = template["tag_specifications"][0]["tags"]
+assert fleet_tags.get("Fleet") == "${var.fleet}", f"the launch template does not tag Fleet = var.fleet: {fleet_tags}"
+assert association.get("max_concurrency") == "${var.rollout_max_concurrency}", association
+assert association.get("max_errors") == "${var.rollout_max_errors}", association
+assert association.get("compliance_severity"), "aws_ssm_association: no compliance_severity"
+# "0": the first failure (a failing canary) stops the rollout.
+assert variables["rollout_max_errors"]["default"] == "0", variables["rollout_max_errors"]
+assert re.fullmatch(r"[1-9][0-9]*|[1-9][0-9]?%|100%", variables["rollout_max_concurrency"]["default"])
+for name in ("rollout_max_concurrency", "rollout_max_errors", "rollout_schedule"):
+    assert variables[name].get("validation"), f"variable {name}: no validation"
+
+# The rule fires on changes of this fleet's parameter, and starts the
+# runbook, which starts this association.
+pattern = rule["event_pattern"]
+for needle in ['source = ["aws.ssm"]', '"detail-type" = ["Parameter Store Change"]',
+               "name = [local.parameter_name]", '"Update"']:
+    assert needle in pattern, f"aws_cloudwatch_event_rule: event_pattern lacks {needle}: {pattern}"
+assert target["rule"] == "${aws_cloudwatch_event_rule.rollout[0].name}", target
+assert ":automation-definition/" in target["arn"] and "aws_ssm_document.start_rollout[0].arn" in target["arn"], target
+assert target["role_arn"] == "${aws_iam_role.rollout[0].arn}", target
+assert "AssociationId = [aws_ssm_association.converge[0].association_id]" in target["input"], target
+runbook = documents["start_rollout"]
+assert runbook["document_type"] == "Automation", runbook
+assert 'Api = "StartAssociationsOnce"' in runbook["content"], runbook["content"]
+assert '"events.amazonaws.com"' in rollout_role["assume_role_policy"], rollout_role
+for action in ("ssm:StartAutomationExecution", "iam:PassRole", "ssm:StartAssociationsOnce"):
+    assert f'"{action}"' in policies["rollout"]["policy"], f"aws_iam_role_policy.rollout lacks {action}"
+assert "association/${aws_ssm_association.converge[0].association_id}" in policies["rollout"]["policy"]
+
 outputs = {k for o in blocks("output") for k in o}
 wanted = {
     "launch_template_id",
@@ -182,6 +264,8 @@ wanted = {
     "ssm_parameter",
     "flakehub_principal",
     "user_data",
+    "converge_document_name",
+    "rollout_association_id",
 }
 assert wanted <= outputs, f"outputs missing: {sorted(wanted - outputs)}"
 
@@ -204,7 +288,9 @@ agent_validate(normalise(tfvars)["flake_ref"] + "\n", "--ssm-value")
 with open(f"{EXAMPLE}/README.md") as f:
     readme = f.read()
 for needle in [*sorted(required), "subnet_ids", "terraform.tfvars.example", "put-parameter", "--overwrite",
-               "ignore_changes", "AmazonSSMManagedInstanceCore", "watch.enable", 'source = "']:
+               "ignore_changes", "AmazonSSMManagedInstanceCore", "watch.enable", 'source = "',
+               "push_rollouts", "rollout_max_concurrency", "rollout_max_errors", "NixOSAmiAgent-Converge",
+               "ssm:PutComplianceItems", "start-associations-once"]:
     assert needle in readme, f"examples/terraform/README.md does not mention {needle}"
 
 # The plain user data, with Terraform's interpolation done by hand.

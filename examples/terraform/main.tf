@@ -5,7 +5,10 @@
 # `services.nixos-ami-agent.watch.enable = true`: that enables
 # nixos-ami-agent-run.timer, which re-runs the agent `watch.interval`
 # (15min by default) after boot and after each run, plus a random delay of
-# up to `watch.randomizedDelay`. The image does not enable it.
+# up to `watch.randomizedDelay`. The image does not enable it. With
+# push_rollouts (rollouts.tf), a change of the parameter also starts a
+# State Manager association that runs the agent on the fleet's instances,
+# with rate control.
 
 data "aws_partition" "current" {}
 
@@ -84,6 +87,28 @@ resource "aws_iam_role_policy" "read_target" {
         }
       }],
     )
+  })
+}
+
+# The agent reports each run's outcome on its own instance to SSM
+# Compliance (type Custom:NixOSAmiAgent; `report-compliance` in its config,
+# on in the AMI profile), which `nixos-ami-agent fleet status` and the
+# console read. PutComplianceItems accepts instance ARNs as resources (the
+# Service Authorization Reference lists instance and managed-instance,
+# both optional, with ec2:SourceInstanceARN as a condition key), but no
+# policy can name "the instance making the call" as the resource, so this
+# is "*", as in AmazonSSMManagedInstanceCore, which also grants it.
+resource "aws_iam_role_policy" "report_outcome" {
+  name = "report-run-outcome"
+  role = aws_iam_role.fleet.id
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [{
+      Sid      = "ReportRunOutcome"
+      Effect   = "Allow"
+      Action   = ["ssm:PutComplianceItems"]
+      Resource = "*"
+    }]
   })
 }
 

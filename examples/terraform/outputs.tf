@@ -65,3 +65,18 @@ output "agent_settings" {
   description = "The agent's TOML settings, for a text/x-nixos-ami-agent part of user data built elsewhere."
   value       = local.agent_settings
 }
+
+output "converge_document_name" {
+  description = "The Command document that converges an instance now (`aws ssm send-command --document-name ...`); null without push_rollouts."
+  value       = one(aws_ssm_document.converge[*].name)
+}
+
+output "rollout_association_id" {
+  description = "The State Manager association that pushes rollouts (`aws ssm start-associations-once --association-ids ...`); null without push_rollouts."
+  value       = one(aws_ssm_association.converge[*].association_id)
+}
+
+output "rollout_rule_name" {
+  description = "The EventBridge rule that starts the association when the parameter changes (disable it to roll out by hand only); null without push_rollouts."
+  value       = one(aws_cloudwatch_event_rule.rollout[*].name)
+}

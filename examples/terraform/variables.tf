@@ -163,3 +163,55 @@ variable "desired_capacity" {
     error_message = "desired_capacity must be a whole number >= 0."
   }
 }
+
+variable "push_rollouts" {
+  description = "Push each change of the fleet's parameter to the running instances (rollouts.tf): the Command document ssm-documents/NixOSAmiAgent-Converge.yaml, a State Manager association running it on the instances tagged Fleet = <fleet> with rollout_max_concurrency and rollout_max_errors, and an EventBridge rule that starts the association when the parameter is updated or relabelled. The instances need the SSM Agent's permissions (AmazonSSMManagedInstanceCore, or your own with attach_ssm_managed_instance_core = false). false: instances follow the parameter at boot and with the watch timer only."
+  type        = bool
+  default     = true
+}
+
+variable "rollout_max_concurrency" {
+  description = "How many instances run a pushed rollout at a time: a number (\"50\") or a percentage of the fleet (\"10%\"). Each run reads the parameter once; above a few hundred instances prefer a number that keeps GetParameter under SSM's 40 TPS (about max_concurrency / seconds per run)."
+  type        = string
+  default     = "10%"
+
+  validation {
+    # The aws provider's (and SSM's) MaxConcurrency pattern.
+    condition     = can(regex("^([1-9][0-9]*|[1-9][0-9]%|[1-9]%|100%)$", var.rollout_max_concurrency))
+    error_message = "rollout_max_concurrency must be a number from 1 (\"50\") or a percentage from 1% to 100% (\"10%\")."
+  }
+}
+
+variable "rollout_max_errors" {
+  description = "How many instances may fail a pushed rollout before State Manager stops it: \"0\" stops it at the first failure (a failing canary stops the rollout), \"3\" at the fourth; a number or a percentage of the fleet. Runs already under way finish."
+  type        = string
+  default     = "0"
+
+  validation {
+    # The aws provider's (and SSM's) MaxErrors pattern.
+    condition     = can(regex("^([1-9][0-9]*|[0]|[1-9][0-9]%|[0-9]%|100%)$", var.rollout_max_errors))
+    error_message = "rollout_max_errors must be a number from 0 (\"0\") or a percentage from 0% to 100% (\"5%\")."
+  }
+}
+
+variable "rollout_compliance_severity" {
+  description = "Severity of the association's compliance status when a run fails: CRITICAL, HIGH, MEDIUM, LOW or UNSPECIFIED."
+  type        = string
+  default     = "HIGH"
+
+  validation {
+    condition     = contains(["CRITICAL", "HIGH", "MEDIUM", "LOW", "UNSPECIFIED"], var.rollout_compliance_severity)
+    error_message = "rollout_compliance_severity must be CRITICAL, HIGH, MEDIUM, LOW or UNSPECIFIED."
+  }
+}
+
+variable "rollout_schedule" {
+  description = "Also run the association on a schedule, as a rate-controlled safety net (\"rate(1 day)\", \"cron(0 3 ? * * *)\"); null: only when the parameter changes, when the association is created or changed, and on instances that join."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.rollout_schedule == null || can(regex("^(rate|cron)\\(.+\\)$", var.rollout_schedule))
+    error_message = "rollout_schedule must be a schedule expression: rate(...) or cron(...)."
+  }
+}

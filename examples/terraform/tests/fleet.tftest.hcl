@@ -29,6 +29,24 @@ mock_provider "aws" {
       arn = "arn:aws:ssm:eu-west-1:123456789012:parameter/fleets/web/target"
     }
   }
+  mock_resource "aws_ssm_document" {
+    defaults = {
+      arn = "arn:aws:ssm:eu-west-1:123456789012:document/nixos-fleet-web-start-rollout"
+    }
+  }
+  mock_resource "aws_ssm_association" {
+    defaults = {
+      association_id = "0123abcd-4567-89ab-cdef-0123456789ab"
+    }
+  }
+}
+
+# The two roles apart (the mock gives every aws_iam_role the same ARN).
+override_resource {
+  target = aws_iam_role.rollout
+  values = {
+    arn = "arn:aws:iam::123456789012:role/nixos-fleet-web-rollout"
+  }
 }
 
 run "tfvars_example" {
@@ -257,4 +275,169 @@ run "fleet_name_too_long_for_iam" {
     fleet = "a-fleet-name-that-is-far-too-long-for-iam-roles"
   }
   expect_failures = [var.fleet]
+}
+
+# The instance role may report each run's outcome to SSM Compliance, with
+# or without push rollouts.
+run "instances_report_their_outcome" {
+  command = plan
+  variables {
+    push_rollouts = false
+  }
+
+  assert {
+    condition = jsondecode(aws_iam_role_policy.report_outcome.policy).Statement == [{
+      Sid      = "ReportRunOutcome"
+      Effect   = "Allow"
+      Action   = ["ssm:PutComplianceItems"]
+      Resource = "*"
+    }]
+    error_message = "The instance role may call ssm:PutComplianceItems: ${aws_iam_role_policy.report_outcome.policy}"
+  }
+  assert {
+    condition     = aws_iam_role_policy.report_outcome.role == aws_iam_role.fleet.id
+    error_message = "The compliance policy is the instance role's."
+  }
+  assert {
+    condition = (length(aws_ssm_document.converge) + length(aws_ssm_association.converge) + length(aws_ssm_document.start_rollout)
+      + length(aws_cloudwatch_event_rule.rollout) + length(aws_cloudwatch_event_target.rollout) + length(aws_iam_role.rollout)
+    + length(aws_iam_role_policy.rollout)) == 0
+    error_message = "push_rollouts = false creates none of the rollout resources."
+  }
+}
+
+# Applied against the mock, so the ARNs and the association ID are known.
+run "push_rollouts" {
+  assert {
+    condition = (aws_ssm_document.converge[0].name == "NixOSAmiAgent-Converge-web"
+      && aws_ssm_document.converge[0].document_type == "Command"
+      && aws_ssm_document.converge[0].document_format == "YAML"
+    && aws_ssm_document.converge[0].content == file("../../ssm-documents/NixOSAmiAgent-Converge.yaml"))
+    error_message = "The Command document is the repository's ssm-documents/NixOSAmiAgent-Converge.yaml, as YAML."
+  }
+  assert {
+    condition = (aws_ssm_association.converge[0].name == aws_ssm_document.converge[0].name
+      && length(aws_ssm_association.converge[0].targets) == 1
+      && aws_ssm_association.converge[0].targets[0].key == "tag:Fleet"
+    && aws_ssm_association.converge[0].targets[0].values == tolist([aws_launch_template.fleet.tag_specifications[0].tags.Fleet]))
+    error_message = "The association runs the document on the instances the launch template tags Fleet = web."
+  }
+  assert {
+    condition = (aws_ssm_association.converge[0].max_concurrency == "10%"
+      && aws_ssm_association.converge[0].max_errors == "0"
+      && aws_ssm_association.converge[0].compliance_severity == "HIGH"
+    && aws_ssm_association.converge[0].schedule_expression == null)
+    error_message = "Defaults: 10% at a time, the first failure stops the rollout, HIGH, no schedule."
+  }
+  assert {
+    condition = jsondecode(aws_cloudwatch_event_rule.rollout[0].event_pattern) == {
+      source        = ["aws.ssm"]
+      "detail-type" = ["Parameter Store Change"]
+      detail = {
+        name      = ["/fleets/web/target"]
+        operation = ["Update", "LabelParameterVersion"]
+      }
+    }
+    error_message = "The rule matches changes of the fleet's parameter: ${aws_cloudwatch_event_rule.rollout[0].event_pattern}"
+  }
+  assert {
+    condition = (aws_cloudwatch_event_target.rollout[0].rule == aws_cloudwatch_event_rule.rollout[0].name
+      && aws_cloudwatch_event_target.rollout[0].arn == "arn:aws:ssm:eu-west-1:123456789012:automation-definition/nixos-fleet-web-start-rollout:$DEFAULT"
+    && aws_cloudwatch_event_target.rollout[0].role_arn == "arn:aws:iam::123456789012:role/nixos-fleet-web-rollout")
+    error_message = "The rule starts the runbook, with the rollout role: ${aws_cloudwatch_event_target.rollout[0].arn}"
+  }
+  assert {
+    condition = jsondecode(aws_cloudwatch_event_target.rollout[0].input) == {
+      AssociationId        = ["0123abcd-4567-89ab-cdef-0123456789ab"]
+      AutomationAssumeRole = ["arn:aws:iam::123456789012:role/nixos-fleet-web-rollout"]
+    }
+    error_message = "The runbook is given the association and its role: ${aws_cloudwatch_event_target.rollout[0].input}"
+  }
+  assert {
+    condition = (jsondecode(aws_ssm_document.start_rollout[0].content).mainSteps == [{
+      name   = "startAssociation"
+      action = "aws:executeAwsApi"
+      inputs = { Service = "ssm", Api = "StartAssociationsOnce", AssociationIds = ["{{ AssociationId }}"] }
+      }]
+    && aws_ssm_document.start_rollout[0].document_type == "Automation")
+    error_message = "The runbook only starts the association."
+  }
+  assert {
+    condition     = toset(jsondecode(aws_iam_role.rollout[0].assume_role_policy).Statement[0].Principal.Service) == toset(["events.amazonaws.com", "ssm.amazonaws.com"])
+    error_message = "EventBridge and Automation assume the rollout role."
+  }
+  assert {
+    condition = jsondecode(aws_iam_role_policy.rollout[0].policy).Statement == [
+      {
+        Sid    = "StartRunbook"
+        Effect = "Allow"
+        Action = ["ssm:StartAutomationExecution"]
+        Resource = [
+          "arn:aws:ssm:eu-west-1:123456789012:automation-definition/nixos-fleet-web-start-rollout:*",
+          "arn:aws:ssm:eu-west-1:123456789012:document/nixos-fleet-web-start-rollout",
+          "arn:aws:ssm:eu-west-1:123456789012:automation-execution/*",
+        ]
+      },
+      {
+        Sid       = "RunbookAssumesThisRole"
+        Effect    = "Allow"
+        Action    = ["iam:PassRole"]
+        Resource  = "arn:aws:iam::123456789012:role/nixos-fleet-web-rollout"
+        Condition = { StringEquals = { "iam:PassedToService" = "ssm.amazonaws.com" } }
+      },
+      {
+        Sid      = "StartAssociation"
+        Effect   = "Allow"
+        Action   = ["ssm:StartAssociationsOnce"]
+        Resource = "arn:aws:ssm:eu-west-1:123456789012:association/0123abcd-4567-89ab-cdef-0123456789ab"
+      },
+    ]
+    error_message = "The rollout role starts this runbook and this association, nothing else: ${aws_iam_role_policy.rollout[0].policy}"
+  }
+  assert {
+    condition     = output.converge_document_name == "NixOSAmiAgent-Converge-web" && output.rollout_association_id == "0123abcd-4567-89ab-cdef-0123456789ab" && output.rollout_rule_name == "nixos-fleet-web-rollout"
+    error_message = "Rollout outputs."
+  }
+}
+
+run "rollout_rate_control" {
+  command = plan
+  variables {
+    rollout_max_concurrency     = "50"
+    rollout_max_errors          = "2%"
+    rollout_compliance_severity = "CRITICAL"
+    rollout_schedule            = "rate(1 day)"
+  }
+
+  assert {
+    condition = (aws_ssm_association.converge[0].max_concurrency == "50"
+      && aws_ssm_association.converge[0].max_errors == "2%"
+      && aws_ssm_association.converge[0].compliance_severity == "CRITICAL"
+    && aws_ssm_association.converge[0].schedule_expression == "rate(1 day)")
+    error_message = "The rate control is the caller's."
+  }
+}
+
+run "no_concurrency" {
+  command = plan
+  variables {
+    rollout_max_concurrency = "0"
+  }
+  expect_failures = [var.rollout_max_concurrency]
+}
+
+run "errors_not_a_number" {
+  command = plan
+  variables {
+    rollout_max_errors = "one"
+  }
+  expect_failures = [var.rollout_max_errors]
+}
+
+run "schedule_not_an_expression" {
+  command = plan
+  variables {
+    rollout_schedule = "daily"
+  }
+  expect_failures = [var.rollout_schedule]
 }
