@@ -42,10 +42,6 @@ in
     enable = true;
     fhPackage = fh.packages.${system}.default;
     determinateNixdPackage = determinate.packages.${system}.default;
-    # Each run's outcome in SSM Compliance (`fleet status`); the instance
-    # role needs ssm:PutComplianceItems, and a failed report never fails
-    # a run.
-    settings.agent.report-compliance = lib.mkDefault true;
   };
 
   assertions =

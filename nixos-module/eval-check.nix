@@ -141,6 +141,7 @@ let
       fh = lib.getExe' cfg.fhPackage "fh";
       determinate-nixd = "/run/current-system/sw/bin/determinate-nixd";
       retry-budget = "300s";
+      report-compliance = true;
     };
   };
 in

@@ -221,6 +221,20 @@ in
                   example = "300s";
                   description = "Time each remote step (IMDS, SSM, login, resolve) may spend retrying; the agent's default is 120s.";
                 };
+                report-compliance = mkOption {
+                  type = types.bool;
+                  # On in the module, not only in the AMI: the target's
+                  # own configuration (which imports this module) must
+                  # keep reporting after the first switch.
+                  default = true;
+                  description = ''
+                    Report each run's outcome to SSM Compliance (type
+                    `Custom:NixOSAmiAgent`), for `nixos-ami-agent fleet
+                    status` and the Systems Manager console. The instance
+                    role needs `ssm:PutComplianceItems`; a report that fails
+                    is logged and never fails the run.
+                  '';
+                };
               };
             };
           };

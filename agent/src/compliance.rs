@@ -12,7 +12,6 @@ use crate::aws;
 use crate::config::Config;
 use crate::imds::Imds;
 use crate::retry::{self, Attempt, Backoff, RetryError};
-use crate::run::Environment;
 use crate::state::{State, Store};
 use aws_sdk_ssm::primitives::DateTime;
 use aws_sdk_ssm::types::{
@@ -21,19 +20,18 @@ use aws_sdk_ssm::types::{
 };
 use nixos_ami_agent_core::compliance::{self as core, Report, Run};
 
-/// After a run that started at `started` (RFC 3339, seconds): `result`
-/// and `exit_code` as the history records them.
-#[allow(clippy::too_many_arguments)]
-pub async fn report(
-    config: &Config,
-    env: &Environment,
-    imds: &Imds,
-    endpoint: &str,
-    store: &Store,
-    started: &str,
-    result: &str,
-    exit_code: u8,
-) {
+/// How the run ended, as the history records it.
+pub struct Outcome<'a> {
+    /// The `started` of the record this run saved in the state.
+    pub started: &'a str,
+    pub result: &'a str,
+    pub exit_code: u8,
+    /// The run's own message (the failure's, when it failed), with a
+    /// SecureString target already shown as its placeholder.
+    pub message: &'a str,
+}
+
+pub async fn report(config: &Config, imds: &Imds, endpoint: &str, store: &Store, o: Outcome<'_>) {
     if !config.agent.report_compliance {
         return;
     }
@@ -43,36 +41,26 @@ pub async fn report(
     }
     let state = match store.read() {
         Ok(Some(s)) => s,
-        // The run ended before it knew the instance (IMDS unreachable):
-        // there is nothing to report it on, and likely no way to.
         Ok(None) | Err(_) => {
-            tracing::info!("compliance: not reported, the run did not get to know the instance");
+            tracing::info!("compliance: not reported, the state could not be read back");
             return;
         }
     };
-    // A run that failed before it recorded itself (IMDS did not say which
-    // instance this is) left the previous run's record: not this run's
-    // to report.
-    if state
-        .last_run
-        .as_ref()
-        .is_none_or(|r| r.started.as_str() < started)
-    {
-        tracing::info!("compliance: not reported, the run did not get to know the instance");
+    // The record this run saved, not an earlier run's.
+    if state.last_run.as_ref().map(|r| r.started.as_str()) != Some(o.started) {
+        tracing::info!("compliance: not reported, the state holds another run's record");
         return;
     }
-    let Some(report) = build(config, &state, result, exit_code) else {
+    let Some(report) = build(config, &state, &o) else {
         return;
     };
-    let region = match &env.region {
-        Some(r) => r.clone(),
-        None => match imds.region().await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!("compliance: not reported: {e}");
-                return;
-            }
-        },
+    // The instance's own region: the one it is a managed node in.
+    let region = match imds.region().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("compliance: not reported: {e}");
+            return;
+        }
     };
     let backoff = Backoff::with_budget(config.agent.retry_budget);
     match put(&state.instance_id, &report, &region, endpoint, backoff).await {
@@ -88,7 +76,7 @@ pub async fn report(
     }
 }
 
-fn build(config: &Config, state: &State, result: &str, exit_code: u8) -> Option<Report> {
+fn build(config: &Config, state: &State, o: &Outcome<'_>) -> Option<Report> {
     let run = state.last_run.as_ref()?;
     let running = crate::system::canonical(&config.agent.current_system)
         .map(|p| p.to_string_lossy().into_owned());
@@ -100,9 +88,9 @@ fn build(config: &Config, state: &State, result: &str, exit_code: u8) -> Option<
     });
     let finished = run.finished.clone().unwrap_or_else(crate::state::now);
     Some(core::report(&Run {
-        result,
-        exit_code,
-        message: run.message.as_deref().unwrap_or_default(),
+        result: o.result,
+        exit_code: o.exit_code,
+        message: o.message,
         target: target.map(|t| t.flake.as_str()),
         ssm_parameter: target.and_then(|t| t.ssm_parameter.as_deref()),
         ssm_version: target.and_then(|t| t.ssm_version),
@@ -165,6 +153,18 @@ async fn put(
                 .send();
             match crate::stop::or_stop(sent).await {
                 Ok(Ok(_)) => Ok(()),
+                // Early in the first boot the SSM agent may not have
+                // registered the instance yet: that heals.
+                Ok(Err(e))
+                    if e.as_service_error().and_then(|se| se.meta().code())
+                        == Some("InvalidResourceId") =>
+                {
+                    Err(Attempt::retry(format!(
+                        "{}; not a managed node (yet): is the SSM agent running, and does the \
+                         instance role have AmazonSSMManagedInstanceCore?",
+                        aws::describe(&e)
+                    )))
+                }
                 Ok(Err(e)) => Err(aws::attempt(
                     e,
                     "the instance role needs ssm:PutComplianceItems",

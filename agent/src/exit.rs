@@ -25,12 +25,13 @@ Exit codes:
   1   apply or verify failed (fh failed, or the system did not switch), the
       system was unhealthy after the switch (rolled back, or kept with
       health.rollback = false), a user-data script failed, or a needed
-      reboot could not be requested
+      reboot could not be requested; for `fleet status`: not converged
   64  bad command line
   65  invalid user data, settings or SSM parameter value, or a target whose
       store path was rolled back before (rejected; nothing was run)
   69  unavailable: IMDS disabled for this instance, a program missing, the
-      SSM parameter missing or access to it denied
+      SSM parameter missing or access to it denied (`fleet status`: AWS
+      refused a request)
   74  the state directory cannot be read or written
   75  temporary: a retry budget ran out on something that may heal, a
       program timed out, or another run held the lock

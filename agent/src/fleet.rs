@@ -74,18 +74,19 @@ impl Fleet {
             Some(name) => Some(self.parameter(name).await?),
             None => None,
         };
-        let listed: Vec<Summary> = match &tagged {
-            Some(t) => summaries
-                .iter()
-                .filter(|s| t.contains(&s.instance_id))
-                .cloned()
-                .collect(),
-            None => summaries.clone(),
-        };
+        let listed = fleet::listed(&summaries, parameter.as_ref(), tagged.as_deref());
+        // Titles and targets only: without them the view still stands.
         let mut details = HashMap::new();
         for id in fleet::wanted_details(&listed, MAX_DETAILS) {
-            if let Some(d) = self.details(&id).await? {
-                details.insert(id, d);
+            match self.details(&id).await {
+                Ok(Some(d)) => {
+                    details.insert(id, d);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!("reasons and targets not shown: {e}");
+                    break;
+                }
             }
         }
         let now = std::time::SystemTime::now()
@@ -105,6 +106,22 @@ impl Fleet {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, retry::Attempt<String>>>,
     {
+        // On an instance, credentials may be late (the role's come from
+        // IMDS); on an operator's machine, missing ones stay missing.
+        let op = || {
+            let fut = op();
+            async move {
+                match fut.await {
+                    Err(retry::Attempt::Retry { error, .. }) if error.contains("credentials") => {
+                        Err(retry::Attempt::Fail(format!(
+                            "{error}; no AWS credentials: set AWS_PROFILE, run `aws sso login`, or \
+                             export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                        )))
+                    }
+                    other => other,
+                }
+            }
+        };
         retry::retry(&self.backoff, what, |_| op())
             .await
             .map_err(|e| match e {

@@ -293,7 +293,9 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
     // Every run that got this far is in the history, however it ends:
     // also one that never learns which instance it is on.
     let entry = crate::history::start(store.safe_dir(), system::boot_id(&agent.boot_id));
-    let result = run_locked(config, env, &imds, &endpoint, &store).await;
+    // The start of the record this run saved, once it saved one.
+    let mut recorded = None;
+    let result = run_locked(config, env, &imds, &endpoint, &store, &mut recorded).await;
     let (outcome, code, message) = match &result {
         Ok(r) => (
             match r.outcome {
@@ -307,17 +309,21 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
     };
     crate::history::finish(store.safe_dir(), &entry, outcome, code, &message);
     // Still under the lock: the state read back is this run's.
-    crate::compliance::report(
-        config,
-        env,
-        &imds,
-        &endpoint,
-        &store,
-        &entry.started,
-        outcome,
-        code,
-    )
-    .await;
+    if let Some(started) = &recorded {
+        crate::compliance::report(
+            config,
+            &imds,
+            &endpoint,
+            &store,
+            crate::compliance::Outcome {
+                started,
+                result: outcome,
+                exit_code: code,
+                message: &message,
+            },
+        )
+        .await;
+    }
     result
 }
 
@@ -327,6 +333,7 @@ async fn run_locked(
     imds: &Imds,
     endpoint: &str,
     store: &Store,
+    recorded: &mut Option<String>,
 ) -> Result<Report, Failure> {
     let agent = &config.agent;
     let ctx = Context {
@@ -369,6 +376,7 @@ async fn run_locked(
     let mut record = RunRecord::start();
     let previous_run = state.last_run.replace(record.clone());
     store.save(&state)?;
+    *recorded = Some(record.started.clone());
 
     // Bad input stops everything, scripts included; it is still recorded
     // so that `status` can say why nothing happened.

@@ -8,7 +8,8 @@
 //! (`ListResourceComplianceSummaries`); so that `fleet status` can group a
 //! fleet from those summaries alone, without one call per instance, the
 //! execution ID carries what groups it: the parameter version the run read
-//! and the system the instance runs ([`ExecutionId`]).
+//! the parameter it read (a short hash of its name), and the system the
+//! instance runs ([`ExecutionId`]).
 //!
 //! Limits from the SSM API reference (`PutComplianceItems`,
 //! `ComplianceItemEntry`, `ComplianceExecutionSummary`): execution ID at
@@ -158,12 +159,14 @@ pub fn report(r: &Run<'_>) -> Report {
     put("Health", r.health.map(str::to_owned));
     put("Finished", Some(r.finished.to_owned()));
     put("AgentVersion", Some(r.agent_version.to_owned()));
+    let key = r.ssm_parameter.map(parameter_key);
     Report {
         status,
         severity,
         title: fit(&title, MAX_TITLE),
         execution_id: ExecutionId {
             ssm_version: r.ssm_version,
+            parameter: key.as_deref(),
             running: r.running.map(basename),
         }
         .to_string(),
@@ -187,43 +190,67 @@ fn basename(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
-/// `v7 abc…-nixos-system-web-26.05` (or `- …` without an SSM parameter, `…
-/// -` when the running system is unknown): what a fleet is grouped by,
-/// within SSM's 100 characters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExecutionId<'a> {
-    pub ssm_version: Option<i64>,
-    /// The running system's store directory name.
-    pub running: Option<&'a str>,
+/// Eight hex digits of the SHA-256 of a parameter's name without its
+/// `:label` or `:version` selector (and as a name, not an ARN): the same
+/// for every instance of a fleet, whichever label it reads.
+pub fn parameter_key(name: &str) -> String {
+    use sha2::{Digest as _, Sha256};
+    let bare = crate::settings::parameter::bare_name(name);
+    Sha256::digest(bare.as_bytes())
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
-impl std::fmt::Display for ExecutionId<'_> {
+/// `v7 1a2b3c4d abc…-nixos-system-web-26.05`: the parameter version the
+/// run read, its parameter's [`parameter_key`], and the running system
+/// (`-` for what is not known), within SSM's 100 characters. What a fleet
+/// is grouped and filtered by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecutionId<S: AsRef<str> = String> {
+    pub ssm_version: Option<i64>,
+    pub parameter: Option<S>,
+    /// The running system's store directory name.
+    pub running: Option<S>,
+}
+
+impl<S: AsRef<str>> std::fmt::Display for ExecutionId<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let version = self
             .ssm_version
             .map_or_else(|| "-".to_owned(), |v| format!("v{v}"));
-        let room = MAX_EXECUTION_ID - version.len() - 1;
-        let running = self.running.unwrap_or("-");
+        let parameter = self.parameter.as_ref().map_or("-", |p| p.as_ref());
+        let head = format!("{version} {parameter} ");
+        let room = MAX_EXECUTION_ID.saturating_sub(head.len());
+        let running = self.running.as_ref().map_or("-", |r| r.as_ref());
         // Store names are ASCII; cut at a character boundary anyway.
         let mut end = running.len().min(room);
         while !running.is_char_boundary(end) {
             end -= 1;
         }
-        write!(f, "{version} {}", &running[..end])
+        write!(f, "{head}{}", &running[..end])
     }
 }
 
-impl<'a> ExecutionId<'a> {
+impl<'a> ExecutionId<&'a str> {
     /// Reads one back; `None` for an ID this agent did not write.
     pub fn parse(id: &'a str) -> Option<Self> {
-        let (version, running) = id.split_once(' ')?;
+        let mut parts = id.splitn(3, ' ');
+        let (version, parameter, running) = (parts.next()?, parts.next()?, parts.next()?);
         let ssm_version = match version {
             "-" => None,
             v => Some(v.strip_prefix('v')?.parse().ok()?),
         };
+        let parameter = match parameter {
+            "-" => None,
+            p if p.len() == 8 && p.bytes().all(|b| b.is_ascii_hexdigit()) => Some(p),
+            _ => return None,
+        };
         let running = (running != "-").then_some(running);
         Some(Self {
             ssm_version,
+            parameter,
             running,
         })
     }
@@ -260,7 +287,10 @@ mod tests {
         assert_eq!(r.title, "runs acme/web/0.1#nixosConfigurations.web");
         assert_eq!(
             r.execution_id,
-            "v7 aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixos-system-web-26.05"
+            format!(
+                "v7 {} aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixos-system-web-26.05",
+                parameter_key("/fleets/web")
+            )
         );
         assert_eq!(r.details["SsmVersion"], "7");
         assert_eq!(r.details["StorePath"], NEW);
@@ -316,6 +346,16 @@ mod tests {
         });
         assert_eq!(none.status, Status::Compliant);
         assert!(none.execution_id.starts_with("- "));
+        let no_parameter = report(&Run {
+            ssm_parameter: None,
+            ssm_version: None,
+            ..run()
+        });
+        assert!(
+            no_parameter.execution_id.starts_with("- - "),
+            "{}",
+            no_parameter.execution_id
+        );
     }
 
     #[test]
@@ -351,14 +391,16 @@ mod tests {
 
     #[test]
     fn execution_ids_read_back() {
-        for (v, running) in [
-            (Some(7), Some("aaaa-nixos-system-web")),
-            (None, Some("aaaa-nixos-system-web")),
-            (Some(12), None),
-            (None, None),
+        let key = parameter_key("/fleets/web");
+        for (v, p, running) in [
+            (Some(7), Some(key.as_str()), Some("aaaa-nixos-system-web")),
+            (None, None, Some("aaaa-nixos-system-web")),
+            (Some(12), Some(key.as_str()), None),
+            (None, None, None),
         ] {
             let id = ExecutionId {
                 ssm_version: v,
+                parameter: p,
                 running,
             }
             .to_string();
@@ -366,12 +408,27 @@ mod tests {
                 ExecutionId::parse(&id),
                 Some(ExecutionId {
                     ssm_version: v,
+                    parameter: p,
                     running
                 }),
                 "{id}"
             );
         }
         assert_eq!(ExecutionId::parse("Command-1234"), None);
-        assert_eq!(ExecutionId::parse("x y"), None);
+        assert_eq!(ExecutionId::parse("x y z"), None);
+        assert_eq!(ExecutionId::parse("v1 nothex!! z"), None);
+    }
+
+    #[test]
+    fn a_fleet_has_one_parameter_key_whatever_its_labels() {
+        let k = parameter_key("/fleets/web");
+        assert_eq!(parameter_key("/fleets/web:canary"), k);
+        assert_eq!(parameter_key("/fleets/web:12"), k);
+        assert_eq!(
+            parameter_key("arn:aws:ssm:eu-west-1:123456789012:parameter/fleets/web:stable"),
+            k
+        );
+        assert_ne!(parameter_key("/fleets/api"), k);
+        assert_eq!(k.len(), 8);
     }
 }

@@ -4,11 +4,14 @@
 //! each run read and the system each instance runs, and judged against
 //! the parameter's current version.
 //!
-//! Converged: every listed instance reported COMPLIANT, on the parameter's
-//! current version when one is named, and every instance of the tag (when
-//! one is named) reported at all.
+//! Listed: the instances that report, of the tag when one is named, and
+//! reading the parameter when one is named (the execution ID carries a
+//! key of its name, so fleets sharing a region do not mix). Converged:
+//! every listed instance reported COMPLIANT, on the parameter's current
+//! version when one is named, and every instance of the tag (when one is
+//! named) reported at all.
 
-use crate::compliance::ExecutionId;
+use crate::compliance::{ExecutionId, parameter_key};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
@@ -95,18 +98,31 @@ pub struct View {
     pub not_reporting: Vec<String>,
 }
 
-pub fn view(i: Inputs<'_>) -> View {
+/// The instances a view lists: of the tag when one is named (whatever
+/// they read: reading another parameter is news), else those that read
+/// the parameter when one is named, else all that report.
+pub fn listed<'a>(
+    summaries: &'a [Summary],
+    parameter: Option<&Parameter>,
+    tagged: Option<&[String]>,
+) -> Vec<&'a Summary> {
     let tagged: Option<std::collections::HashSet<&str>> =
-        i.tagged.map(|t| t.iter().map(String::as_str).collect());
-    let listed: Vec<&Summary> = i
-        .summaries
+        tagged.map(|t| t.iter().map(String::as_str).collect());
+    let key = parameter.map(|p| parameter_key(&p.name));
+    summaries
         .iter()
-        .filter(|s| {
-            tagged
-                .as_ref()
-                .is_none_or(|t| t.contains(s.instance_id.as_str()))
+        .filter(|s| match &tagged {
+            Some(t) => t.contains(s.instance_id.as_str()),
+            None => key.as_deref().is_none_or(|k| {
+                ExecutionId::parse(&s.execution_id).and_then(|e| e.parameter) == Some(k)
+            }),
         })
-        .collect();
+        .collect()
+}
+
+pub fn view(i: Inputs<'_>) -> View {
+    let key = i.parameter.map(|p| parameter_key(&p.name));
+    let listed = listed(i.summaries, i.parameter, i.tagged);
     let current = i.parameter.map(|p| p.version);
     let mut instances: Vec<Instance> = listed
         .iter()
@@ -114,6 +130,8 @@ pub fn view(i: Inputs<'_>) -> View {
             let id = ExecutionId::parse(&s.execution_id);
             let ssm_version = id.as_ref().and_then(|e| e.ssm_version);
             let system = id.as_ref().and_then(|e| e.running).map(str::to_owned);
+            let reads = id.as_ref().and_then(|e| e.parameter);
+            let other_parameter = key.is_some() && reads != key.as_deref();
             let behind = match (current, ssm_version) {
                 (Some(c), Some(v)) => v < c,
                 // Not from this agent, or no parameter read: not on the
@@ -126,6 +144,14 @@ pub fn view(i: Inputs<'_>) -> View {
                     || format!("{} (not fetched)", s.severity),
                     |d| d.title.clone(),
                 ))
+            } else if other_parameter {
+                Some(match i.parameter {
+                    Some(p) => format!(
+                        "its last run read another parameter than {}, or none",
+                        p.name
+                    ),
+                    None => "its last run read another parameter".to_owned(),
+                })
             } else if behind {
                 Some(match (ssm_version, current) {
                     (Some(v), Some(c)) => {
@@ -147,7 +173,7 @@ pub fn view(i: Inputs<'_>) -> View {
                 age_seconds: (i.now - s.reported_at).max(0.0) as u64,
                 ssm_version,
                 system,
-                converged: s.compliant && !behind,
+                converged: s.compliant && !behind && !other_parameter,
                 reason,
             }
         })
@@ -207,7 +233,7 @@ pub fn view(i: Inputs<'_>) -> View {
 
 /// The instances whose details are worth a call each: one per group (for
 /// its target), and those not converged, at most `max` in all.
-pub fn wanted_details(summaries: &[Summary], max: usize) -> Vec<String> {
+pub fn wanted_details(summaries: &[&Summary], max: usize) -> Vec<String> {
     let mut seen_groups = std::collections::HashSet::new();
     let mut out = vec![];
     for s in summaries.iter().filter(|s| !s.compliant) {
@@ -246,13 +272,15 @@ pub fn age(seconds: u64) -> String {
 mod tests {
     use super::*;
 
+    /// `exec` as `vN SYSTEM`, of /fleets/web.
     fn summary(id: &str, compliant: bool, exec: &str) -> Summary {
+        let (v, system) = exec.split_once(' ').unwrap();
         Summary {
             instance_id: id.into(),
             compliant,
             severity: if compliant { "INFORMATIONAL" } else { "HIGH" }.into(),
             reported_at: 1000.0,
-            execution_id: exec.into(),
+            execution_id: format!("{v} {} {system}", parameter_key("/fleets/web")),
         }
     }
 
@@ -343,6 +371,43 @@ mod tests {
     }
 
     #[test]
+    fn another_fleets_instances_are_not_listed_unless_tagged() {
+        let mut api = summary("i-api", true, "v9 api-system");
+        api.execution_id = format!("v9 {} api-system", parameter_key("/fleets/api"));
+        let s = [summary("i-1", true, "v8 new-system"), api];
+        let details = HashMap::new();
+        let p = param(8);
+        let v = view(Inputs {
+            summaries: &s,
+            parameter: Some(&p),
+            tagged: None,
+            details: &details,
+            now: 1000.0,
+        });
+        assert_eq!(v.reporting, 1);
+        assert!(v.converged);
+        // Tagged into this fleet, but reading another parameter: news.
+        let tagged = ["i-1".to_owned(), "i-api".to_owned()];
+        let v = view(Inputs {
+            summaries: &s,
+            parameter: Some(&p),
+            tagged: Some(&tagged),
+            details: &details,
+            now: 1000.0,
+        });
+        assert!(!v.converged);
+        assert!(
+            v.instances[0]
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("another parameter"),
+            "{:?}",
+            v.instances[0]
+        );
+    }
+
+    #[test]
     fn nothing_reporting_is_not_converged() {
         let v = view(Inputs {
             summaries: &[],
@@ -361,6 +426,7 @@ mod tests {
             .collect();
         s.push(summary("i-bad", false, "v8 old-system"));
         s.push(summary("i-old", true, "v7 old-system"));
+        let s: Vec<&Summary> = s.iter().collect();
         assert_eq!(wanted_details(&s, 10), ["i-bad", "i-000", "i-old"]);
         assert_eq!(wanted_details(&s, 1), ["i-bad"]);
     }

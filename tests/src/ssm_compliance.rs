@@ -14,6 +14,19 @@ use crate::ssm::{Compliance, Request, Ssm, error, json};
 use axum::response::Response;
 use serde_json::{Value, json as j};
 
+/// The agent's key of a parameter in its execution IDs (the first 4
+/// bytes of the SHA-256 of the name without its leading `/` or its
+/// `:selector`, in hex), computed here on its own.
+pub fn parameter_key(name: &str) -> String {
+    use sha2::Digest as _;
+    let bare = name.trim_start_matches('/');
+    let bare = bare.split_once(':').map_or(bare, |(n, _)| n);
+    sha2::Sha256::digest(bare.as_bytes())[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 const SEVERITIES: &[&str] = &[
     "CRITICAL",
     "HIGH",

@@ -5,6 +5,7 @@
 
 use nixos_ami_agent_tests::harness::{INSTANCE_ID, REF, Scenario, toml_user_data};
 use nixos_ami_agent_tests::ssm::{Fault, Param};
+use nixos_ami_agent_tests::ssm_compliance::parameter_key;
 use nixos_ami_agent_tests::standin::Mode;
 
 const TYPE: &str = "Custom:NixOSAmiAgent";
@@ -65,7 +66,10 @@ fn an_applied_target_is_compliant_with_what_it_runs() {
     assert_eq!(d["SsmVersion"], "7");
     assert_eq!(d["Action"], "switch");
     assert_eq!(d["Health"], "healthy");
-    assert_eq!(exec["ExecutionId"], "v7 new-system");
+    assert_eq!(
+        exec["ExecutionId"],
+        format!("v7 {} new-system", parameter_key("/fleets/web"))
+    );
     assert_eq!(exec["ExecutionType"], "nixos-ami-agent run");
     assert!(exec["ExecutionTime"].is_number(), "{exec}");
     assert!(
@@ -102,7 +106,53 @@ fn a_failed_run_is_non_compliant_with_its_reason_and_exit_code() {
         item["Details"]["Running"],
         s.store_path("old-system").display().to_string()
     );
-    assert_eq!(exec["ExecutionId"], "v7 old-system");
+    assert_eq!(
+        exec["ExecutionId"],
+        format!("v7 {} old-system", parameter_key("/fleets/web"))
+    );
+}
+
+#[test]
+fn the_reason_is_the_runs_own_failure() {
+    // Applied and healthy, but a user-data script failed: the run failed
+    // for that, not for its apply.
+    let s = scenario("");
+    s.user_data(
+        "Content-Type: multipart/mixed; boundary=\"B\"\n\n--B\nContent-Type: text/x-nixos-ami-agent\n\n\
+         ssm-parameter = \"/fleets/web\"\n--B\nContent-Type: text/x-shellscript\n\n#!/bin/sh\nexit 3\n--B--\n",
+    );
+    s.ssm
+        .with(|x| x.params.insert("/fleets/web".into(), Param::string(REF, 7)));
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let (item, _) = reported(&s);
+    assert_eq!(item["Status"], "NON_COMPLIANT");
+    assert_eq!(
+        item["Title"], "failed (exit 1): 1 user-data script(s) failed",
+        "{item}"
+    );
+    assert_eq!(item["Details"]["Message"], "1 user-data script(s) failed");
+}
+
+#[test]
+fn a_report_waits_for_ssm_to_know_the_instance() {
+    // Early in the first boot the SSM agent has not registered yet.
+    let s = fleet();
+    s.ssm.with(|x| {
+        x.op_faults.insert(
+            "PutComplianceItems".into(),
+            [Fault::Raw {
+                status: 400,
+                body: br#"{"__type":"InvalidResourceId","message":"The resource ID isn't valid."}"#
+                    .to_vec(),
+            }]
+            .into(),
+        )
+    });
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(puts(&s), 2, "retried: {out:?}");
+    assert_eq!(reported(&s).0["Status"], "COMPLIANT");
 }
 
 #[test]
@@ -128,7 +178,7 @@ fn no_target_is_compliant() {
     let (item, exec) = reported(&s);
     assert_eq!(item["Status"], "COMPLIANT");
     assert_eq!(item["Title"], "no target configured");
-    assert_eq!(exec["ExecutionId"], "- old-system");
+    assert_eq!(exec["ExecutionId"], "- - old-system");
 }
 
 #[test]
@@ -202,6 +252,9 @@ fn a_report_that_fails_never_fails_the_run() {
         if case == "denied" {
             assert!(out.stderr.contains("ssm:PutComplianceItems"), "{out:?}");
         }
+        if case == "unmanaged" {
+            assert!(out.stderr.contains("not a managed node"), "{out:?}");
+        }
         assert!(s.ssm.with(|x| x.compliance.is_empty()), "{case}");
         assert_eq!(s.state()["last-run"]["outcome"], "applied", "{case}");
     }
@@ -219,10 +272,14 @@ fn off_by_default() {
 fn a_run_that_never_learned_the_instance_reports_nothing() {
     let s = fleet();
     assert_eq!(s.run(&["run"]).code, 0);
-    // IMDS gone: the run fails before it knows the instance; the previous
-    // run's record is not reported again as this one.
-    s.imds.with(|i| i.token_forbidden = true);
+    // IMDS has no instance ID for the next run (its first GET): it fails
+    // before it records itself, though IMDS still answers the region. The
+    // previous run's record must not be reported again as this one's.
+    s.imds.with(|i| {
+        i.get_faults
+            .push_back(nixos_ami_agent_tests::imds::Fault::Status(404))
+    });
     let out = s.run(&["run"]);
-    assert_ne!(out.code, 0, "{out:?}");
+    assert_eq!(out.code, 69, "{out:?}");
     assert_eq!(puts(&s), 1, "{out:?}");
 }

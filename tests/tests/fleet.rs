@@ -1,10 +1,13 @@
 //! `fleet status` against the SSM double holding a fleet's compliance
 //! reports: a real agent run's, and a simulated fleet of 1 000 instances
 //! in the form the agent reports (one item, the execution ID
-//! `vVERSION SYSTEM`). Text and JSON, and the exit code a CI gate reads.
+//! `vVERSION KEY SYSTEM`, KEY the first 4 bytes of the SHA-256 of the
+//! parameter's name without its leading `/` or selector, in hex). Text
+//! and JSON, and the exit code a CI gate reads.
 
 use nixos_ami_agent_tests::harness::{INSTANCE_ID, Output, REF, Scenario, toml_user_data};
 use nixos_ami_agent_tests::ssm::{Compliance, Fault, Instance, Param};
+use nixos_ami_agent_tests::ssm_compliance::parameter_key;
 
 const TYPE: &str = "Custom:NixOSAmiAgent";
 
@@ -14,8 +17,20 @@ fn operator() -> Scenario {
     s
 }
 
-/// An instance's report as the agent writes it.
+/// An instance's report as the agent writes it, for /fleets/web.
 fn report(s: &Scenario, id: &str, version: i64, system: &str, status: &str, title: &str) {
+    report_for(s, "/fleets/web", id, version, system, status, title);
+}
+
+fn report_for(
+    s: &Scenario,
+    parameter: &str,
+    id: &str,
+    version: i64,
+    system: &str,
+    status: &str,
+    title: &str,
+) {
     let item = serde_json::json!({
         "Id": "nixos-configuration",
         "Title": title,
@@ -32,7 +47,7 @@ fn report(s: &Scenario, id: &str, version: i64, system: &str, status: &str, titl
                 compliance_type: TYPE.into(),
                 execution: serde_json::json!({
                     "ExecutionTime": now() - 600.0,
-                    "ExecutionId": format!("v{version} {system}"),
+                    "ExecutionId": format!("v{version} {} {system}", parameter_key(parameter)),
                     "ExecutionType": "nixos-ami-agent run",
                 }),
                 items: vec![item],
@@ -88,6 +103,19 @@ fn a_converged_fleet_of_1000_exits_0() {
             "runs it",
         );
     }
+    // Another fleet in the region, on an older version of its own
+    // parameter and failing: not this fleet's.
+    for n in 0..20 {
+        report_for(
+            &s,
+            "/fleets/api",
+            &format!("i-a{n:016x}"),
+            2,
+            "api-system",
+            "NON_COMPLIANT",
+            "failed (exit 75): x",
+        );
+    }
     let (out, v) = fleet_status(&s, &["--parameter", "/fleets/web"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(
@@ -112,8 +140,9 @@ fn a_converged_fleet_of_1000_exits_0() {
     assert_eq!(v["instances"].as_array().unwrap().len(), 1000);
     assert_eq!(v["groups"].as_array().unwrap().len(), 1);
     assert_eq!(v["groups"][0]["target"], REF);
-    // 50 a page, twice (text and JSON); details for one instance per group.
-    assert_eq!(requests(&s, "ListResourceComplianceSummaries"), 40);
+    // 50 a page (1 020 reports: 21 pages), twice (text and JSON); details
+    // for one instance per group.
+    assert_eq!(requests(&s, "ListResourceComplianceSummaries"), 42);
     assert_eq!(requests(&s, "ListComplianceItems"), 2);
 }
 
@@ -196,6 +225,11 @@ fn a_tagged_instance_that_never_reported_is_not_converged() {
                 )],
             })
             .collect();
+        // More than a page of others with the tag of another fleet.
+        x.instances.extend((0..120).map(|n| Instance {
+            id: format!("i-db{n:03}"),
+            tags: vec![("Fleet".into(), "db".into())],
+        }));
     });
     report(&s, "i-a", 3, "new-system", "COMPLIANT", "runs it");
     report(&s, "i-b", 3, "new-system", "COMPLIANT", "runs it");
@@ -300,4 +334,94 @@ fn nothing_reporting_and_no_region() {
     let bad = s.run(&["fleet", "status", "--tag", "Fleet"]);
     assert_eq!(bad.code, 64, "{bad:?}");
     assert!(bad.stderr.contains("KEY=VALUE"), "{bad:?}");
+}
+
+#[test]
+fn a_label_names_the_version_to_wait_for_and_tag_pages_are_followed() {
+    let s = operator();
+    // Version 9 is labelled canary; the rest of the fleet reads stable (8).
+    s.ssm.with(|x| {
+        x.params
+            .insert("/fleets/web:canary".into(), Param::string(REF, 9));
+        x.instances = (0..60)
+            .map(|n| Instance {
+                id: format!("i-{n:03}"),
+                tags: vec![(
+                    "Canary".into(),
+                    if n < 55 { "false" } else { "true" }.into(),
+                )],
+            })
+            .collect();
+    });
+    for n in 0..55 {
+        report(
+            &s,
+            &format!("i-{n:03}"),
+            8,
+            "old-system",
+            "COMPLIANT",
+            "runs it",
+        );
+    }
+    for n in 55..60 {
+        report(
+            &s,
+            &format!("i-{n:03}"),
+            9,
+            "new-system",
+            "COMPLIANT",
+            "runs it",
+        );
+    }
+    let (out, v) = fleet_status(
+        &s,
+        &["--parameter", "/fleets/web:canary", "--tag", "Canary=true"],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(v["reporting"], 5);
+    // The fleet as a whole is behind the canary version.
+    let (out, v) = fleet_status(
+        &s,
+        &["--parameter", "/fleets/web:canary", "--tag", "Canary=false"],
+    );
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(v["not-converged"], 55);
+    // DescribeInstanceInformation's pages of 50: 5 canaries (1 page) and
+    // 55 others (2 pages), for text and JSON.
+    assert_eq!(requests(&s, "DescribeInstanceInformation"), 2 * (1 + 2));
+}
+
+#[test]
+fn without_credentials_it_says_so_at_once() {
+    let mut s = operator();
+    s.env_remove.push("AWS_ACCESS_KEY_ID".into());
+    s.env_remove.push("AWS_SECRET_ACCESS_KEY".into());
+    let out = s.run(&["fleet", "status"]);
+    assert_eq!(out.code, 69, "{out:?}");
+    assert!(out.stderr.contains("no AWS credentials"), "{out:?}");
+    assert_eq!(requests(&s, "ListResourceComplianceSummaries"), 0);
+}
+
+#[test]
+fn reasons_not_shown_when_listcomplianceitems_is_denied() {
+    let s = operator();
+    report(
+        &s,
+        "i-a",
+        1,
+        "old-system",
+        "NON_COMPLIANT",
+        "failed (exit 1): x",
+    );
+    s.ssm.with(|x| {
+        x.op_faults
+            .insert("ListComplianceItems".into(), [Fault::AccessDenied].into())
+    });
+    let out = s.run(&["fleet", "status"]);
+    assert_eq!(out.code, 1, "not converged, and said: {out:?}");
+    assert!(out.stdout.contains("HIGH (not fetched)"), "{out:?}");
+    assert!(
+        out.stderr.contains("reasons and targets not shown"),
+        "{out:?}"
+    );
 }

@@ -78,7 +78,7 @@ impl ParameterName {
 
 /// `fleets/web` for `/fleets/web`, `/fleets/web:canary` and
 /// `arn:aws:ssm:R:A:parameter/fleets/web:3`.
-fn bare_name(s: &str) -> &str {
+pub(crate) fn bare_name(s: &str) -> &str {
     let name = match s.strip_prefix("arn:") {
         Some(arn) => arn
             .splitn(5, ':')
