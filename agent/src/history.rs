@@ -46,7 +46,11 @@ pub fn read(dir: &SafeDir) -> Vec<Entry> {
 fn write(dir: &SafeDir, runs: &[Entry]) -> std::io::Result<()> {
     let mut bytes = serde_json::to_vec_pretty(runs).expect("history serialises");
     bytes.push(b'\n');
-    dir.write_atomic(FILE, &format!(".{FILE}.tmp"), &bytes)
+    // Not fsynced: the history is what `status` shows, the state file
+    // (fsynced) is what runs decide by; a power loss that takes the last
+    // entry loses nothing a run needs, and a file it leaves unreadable is
+    // read as empty. Two fsyncs fewer on each side of every run.
+    dir.write_atomic_unsynced(FILE, &format!(".{FILE}.tmp"), &bytes)
 }
 
 /// Records a run as started; best effort (a history that cannot be

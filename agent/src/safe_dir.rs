@@ -231,15 +231,36 @@ impl SafeDir {
     /// so a planted link or file in its place is removed, never written
     /// through), fsync, rename, fsync of the directory.
     pub fn write_atomic(&self, name: &str, tmp: &str, bytes: &[u8]) -> std::io::Result<()> {
+        self.replace(name, tmp, bytes, true)
+    }
+
+    /// As [`SafeDir::write_atomic`], without the fsyncs: readers see the
+    /// old file or the new one, never a mix, but a power loss may lose
+    /// the write. For what is advisory (the run history), not for state.
+    pub fn write_atomic_unsynced(
+        &self,
+        name: &str,
+        tmp: &str,
+        bytes: &[u8],
+    ) -> std::io::Result<()> {
+        self.replace(name, tmp, bytes, false)
+    }
+
+    fn replace(&self, name: &str, tmp: &str, bytes: &[u8], sync: bool) -> std::io::Result<()> {
         self.remove(tmp)?;
         let mut f = self
             .open_at(tmp, OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL, 0o600)
             .map_err(std::io::Error::from)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if sync {
+            f.sync_all()?;
+        }
         drop(f);
         nix::fcntl::renameat(&self.fd, tmp, &self.fd, name).map_err(std::io::Error::from)?;
-        nix::unistd::fsync(&self.fd).map_err(std::io::Error::from)
+        if sync {
+            nix::unistd::fsync(&self.fd).map_err(std::io::Error::from)?;
+        }
+        Ok(())
     }
 
     /// Writes a new file `name` with `mode` (any old one is removed
