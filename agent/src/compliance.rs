@@ -20,6 +20,39 @@ use aws_sdk_ssm::types::{
 };
 use nixos_ami_agent_core::compliance::{self as core, Report, Run};
 
+/// A finished run's report, to send after its outcome is out.
+pub struct Pending {
+    pub imds: Imds,
+    pub endpoint: String,
+    pub store: Store,
+    /// The `started` of the record the run saved in the state.
+    pub started: String,
+    pub result: &'static str,
+    pub exit_code: u8,
+    pub message: String,
+}
+
+impl Pending {
+    /// The run's lock is released by now: the state read back is this
+    /// run's only if its record is still the last (another run may have
+    /// started; it reports for itself).
+    pub async fn send(self, config: &Config) {
+        report(
+            config,
+            &self.imds,
+            &self.endpoint,
+            &self.store,
+            Outcome {
+                started: &self.started,
+                result: self.result,
+                exit_code: self.exit_code,
+                message: &self.message,
+            },
+        )
+        .await;
+    }
+}
+
 /// How the run ended, as the history records it.
 pub struct Outcome<'a> {
     /// The `started` of the record this run saved in the state.

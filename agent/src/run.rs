@@ -219,7 +219,14 @@ struct Context<'a> {
 /// One run, in a span whose fields (`INSTANCE_ID`, `FLAKE_REF`,
 /// `STORE_PATH`, `SSM_PARAMETER` in the journal) are filled in as they
 /// become known, so every line of the run carries them.
-pub async fn run(config: &Config, env: &Environment) -> Result<Report, Failure> {
+/// Also returns the run's report to SSM Compliance, to be sent once the
+/// outcome is out (READY=1, the console line): a report waits for SSM
+/// (early in the first boot the SSM agent may not have registered the
+/// instance yet), and nothing else should wait for the report.
+pub async fn run(
+    config: &Config,
+    env: &Environment,
+) -> (Result<Report, Failure>, Option<crate::compliance::Pending>) {
     let span = tracing::info_span!(
         "run",
         instance_id = field::Empty,
@@ -228,13 +235,15 @@ pub async fn run(config: &Config, env: &Environment) -> Result<Report, Failure> 
         ssm_parameter = field::Empty,
     );
     async {
-        match run_inner(config, env).await {
+        let mut pending = None;
+        let r = match run_inner(config, env, &mut pending).await {
             Ok(report) => {
                 notify::ready(&report.message);
                 Ok(report)
             }
             Err(e) => Err(report_failure(e)),
-        }
+        };
+        (r, pending)
     }
     .instrument(span)
     .await
@@ -285,7 +294,11 @@ pub fn report_failure(e: Failure) -> Failure {
     e
 }
 
-async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure> {
+async fn run_inner(
+    config: &Config,
+    env: &Environment,
+    pending: &mut Option<crate::compliance::Pending>,
+) -> Result<Report, Failure> {
     let agent = &config.agent;
     let (imds, endpoint) = imds(config, env)?;
     let store = Store::open(&agent.state_dir)?;
@@ -308,21 +321,16 @@ async fn run_inner(config: &Config, env: &Environment) -> Result<Report, Failure
         Err(e) => ("failed", e.exit_code(), e.to_string()),
     };
     crate::history::finish(store.safe_dir(), &entry, outcome, code, &message);
-    // Still under the lock: the state read back is this run's.
-    if let Some(started) = &recorded {
-        crate::compliance::report(
-            config,
-            &imds,
-            &endpoint,
-            &store,
-            crate::compliance::Outcome {
-                started,
-                result: outcome,
-                exit_code: code,
-                message: &message,
-            },
-        )
-        .await;
+    if let Some(started) = recorded {
+        *pending = Some(crate::compliance::Pending {
+            imds,
+            endpoint,
+            store,
+            started,
+            result: outcome,
+            exit_code: code,
+            message,
+        });
     }
     result
 }

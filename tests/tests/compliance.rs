@@ -283,3 +283,45 @@ fn a_run_that_never_learned_the_instance_reports_nothing() {
     assert_eq!(out.code, 69, "{out:?}");
     assert_eq!(puts(&s), 1, "{out:?}");
 }
+
+#[test]
+fn the_outcome_is_out_before_the_report_is_sent() {
+    // SSM holds the report (each attempt times out) until the retry
+    // budget (4 s here) runs out: the console line must not wait for it.
+    let s = fleet();
+    s.ssm.with(|x| {
+        x.op_faults.insert(
+            "PutComplianceItems".into(),
+            std::iter::repeat_n(Fault::Delay(std::time::Duration::from_secs(30)), 20).collect(),
+        )
+    });
+    let mut child = s.spawn(&["run"]);
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut v = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut v).ok();
+        v
+    });
+    let mut outcome_at = None;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.unwrap();
+        if line.starts_with("nixos-ami-agent: run finished at") {
+            outcome_at = Some(std::time::Instant::now());
+        }
+    }
+    let status = child.wait().unwrap();
+    let exited_at = std::time::Instant::now();
+    let stderr = drain.join().unwrap();
+    assert!(status.success(), "{stderr}");
+    let outcome_at = outcome_at.expect("an outcome line");
+    assert!(
+        exited_at - outcome_at >= std::time::Duration::from_secs(2),
+        "the outcome line came only {:?} before the end, after the report:\n{stderr}",
+        exited_at - outcome_at
+    );
+    assert!(
+        stderr.contains("compliance: the outcome could not be reported"),
+        "{stderr}"
+    );
+}

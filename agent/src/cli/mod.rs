@@ -135,8 +135,11 @@ impl Cli {
                 let r = match config() {
                     Ok(c) => {
                         tokio::select! {
-                            r = crate::run::run(&c, &env) => {
+                            (r, pending) = crate::run::run(&c, &env) => {
                                 crate::run::outcome_line(&r);
+                                if let Some(p) = pending {
+                                    p.send(&c).await;
+                                }
                                 r.map(|_| ())
                             }
                             () = wind_down_limit() => {

@@ -38,6 +38,12 @@ fn main() {
         .user_data_file
         .map(|f| std::fs::read(f).expect("user data file"));
     let mut imds = Imds::default();
+    // The instance is a managed node (its SSM agent registered), so its
+    // compliance reports are taken.
+    let managed = nixos_ami_agent_tests::ssm::Instance {
+        id: c.instance_id.clone(),
+        tags: vec![],
+    };
     (imds.user_data, imds.instance_id, imds.region, imds.role) =
         (user_data, c.instance_id, c.region, c.role);
     let _imds = ImdsDouble::start_at(&rt, c.imds, imds, Duration::from_millis(c.imds_delay_ms));
@@ -46,6 +52,7 @@ fn main() {
         c.ssm,
         Ssm {
             params_dir: Some(c.params_dir),
+            instances: vec![managed],
             ..Ssm::default()
         },
     );
