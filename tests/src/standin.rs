@@ -236,6 +236,18 @@ fn point(link: &Path, to: &Path) {
     std::fs::rename(&tmp, link).unwrap();
 }
 
+fn nix_starts() -> bool {
+    use std::io::ErrorKind::{NotFound, PermissionDenied};
+    for _ in 0..20 {
+        match std::process::Command::new("nix").output() {
+            Ok(_) => return true,
+            Err(e) if matches!(e.kind(), NotFound | PermissionDenied) => return false,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+    false
+}
+
 /// An error as fh prints it: color-eyre's report (fh builds it without
 /// location and span-trace sections), exit status 1.
 fn fh_error(message: &str) -> ! {
@@ -360,8 +372,10 @@ pub fn fh_main() -> ! {
                 fh_error(&format!("output reference {reference} not found"));
             };
             // fh checks for `nix` by starting it from its PATH before it
-            // fetches anything.
-            if std::process::Command::new("nix").output().is_err() {
+            // fetches anything. Only a `nix` that is not there (or cannot
+            // be executed) is "not installed"; a fork that fails for want
+            // of resources (a loaded test machine) is tried again.
+            if !nix_starts() {
                 eprintln!(
                     "Error: failed to copy resolved store path with Nix: nix is not installed or not on the PATH"
                 );

@@ -16,7 +16,7 @@ pub enum FleetCommand {
     /// Show whether a fleet converged, from what its instances reported to
     /// SSM Compliance.
     ///
-    /// Every instance whose image has `report-compliance` on (the AMI's
+    /// Every instance with `report-compliance` on (the NixOS module's
     /// default) reports each run's outcome (type Custom:NixOSAmiAgent).
     /// This lists the instances that report, grouped by the parameter
     /// version their last run read and the system they run, with those
@@ -42,9 +42,10 @@ pub enum FleetCommand {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The fleet's SSM parameter: show its current value and version, and
-    /// count an instance whose last run read an older version as not
-    /// converged.
+    /// The fleet's SSM parameter (NAME, or NAME:LABEL for the version a
+    /// label names): show its value and version, list the instances that
+    /// read it (all of the tag's, with --tag), and count one whose last run
+    /// read an older version as not converged.
     #[arg(long, value_name = "NAME")]
     pub parameter: Option<String>,
     /// Only the instances with this tag (as SSM knows them); an instance
