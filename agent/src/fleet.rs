@@ -36,6 +36,15 @@ pub struct Query<'a> {
     pub tag: Option<(&'a str, &'a str)>,
 }
 
+/// The agent's reports, not other compliance types'.
+fn ours() -> ComplianceStringFilter {
+    ComplianceStringFilter::builder()
+        .key("ComplianceType")
+        .values(COMPLIANCE_TYPE)
+        .r#type(ComplianceQueryOperatorType::Equal)
+        .build()
+}
+
 pub struct Fleet {
     client: aws_sdk_ssm::Client,
     backoff: Backoff,
@@ -148,11 +157,7 @@ impl Fleet {
     }
 
     async fn summaries(&self) -> Result<Vec<Summary>, FleetError> {
-        let filter = ComplianceStringFilter::builder()
-            .key("ComplianceType")
-            .values(COMPLIANCE_TYPE)
-            .r#type(ComplianceQueryOperatorType::Equal)
-            .build();
+        let filter = ours();
         let mut out = vec![];
         let mut token: Option<String> = None;
         loop {
@@ -266,11 +271,7 @@ impl Fleet {
     }
 
     async fn details(&self, instance_id: &str) -> Result<Option<Details>, FleetError> {
-        let filter = ComplianceStringFilter::builder()
-            .key("ComplianceType")
-            .values(COMPLIANCE_TYPE)
-            .r#type(ComplianceQueryOperatorType::Equal)
-            .build();
+        let filter = ours();
         let out = self
             .call("SSM ListComplianceItems", || {
                 let req = self

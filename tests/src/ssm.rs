@@ -294,6 +294,18 @@ async fn handle(state: Arc<Mutex<Ssm>>, headers: HeaderMap, body: Bytes) -> Resp
             None => None,
         };
         let response = response.unwrap_or_else(|| match op.as_str() {
+            // SSM refuses an unsigned request whatever it asks.
+            _ if request
+                .authorization
+                .as_deref()
+                .is_none_or(|a| !a.starts_with("AWS4-HMAC-SHA256 ")) =>
+            {
+                error(
+                    400,
+                    "MissingAuthenticationTokenException",
+                    "request is not signed",
+                )
+            }
             "GetParameter" => answer(&s, &request, renamed.as_deref()),
             _ => crate::ssm_compliance::answer(&mut s, &op, &request),
         });
@@ -328,16 +340,6 @@ fn answer(s: &Ssm, r: &Request, renamed: Option<&str>) -> Response {
             "only GetParameter is doubled",
         );
     }
-    if r.authorization
-        .as_deref()
-        .is_none_or(|a| !a.starts_with("AWS4-HMAC-SHA256 "))
-    {
-        return error(
-            400,
-            "MissingAuthenticationTokenException",
-            "request is not signed",
-        );
-    }
     let Some(name) = r.name() else {
         return error(400, "ValidationException", "Name is required");
     };
@@ -360,17 +362,23 @@ fn answer(s: &Ssm, r: &Request, renamed: Option<&str>) -> Response {
         })
     };
     match s.params.get(name).cloned().or_else(from_dir) {
-        Some(p) => json(
-            200,
-            serde_json::json!({"Parameter": {
-                "Name": renamed.unwrap_or(reply_name(name)),
-                "Type": p.kind,
-                "Value": p.value,
-                "Version": p.version,
-                "DataType": "text",
-                "ARN": format!("arn:aws:ssm:eu-west-1:123456789012:parameter{}", name),
-            }}),
-        ),
+        Some(mut p) => {
+            // Without WithDecryption, SSM returns a SecureString encrypted.
+            if p.kind == "SecureString" && r.body["WithDecryption"] != true {
+                p.value = "AQICAHg-not-decrypted-ciphertext==".into();
+            }
+            json(
+                200,
+                serde_json::json!({"Parameter": {
+                    "Name": renamed.unwrap_or(reply_name(name)),
+                    "Type": p.kind,
+                    "Value": p.value,
+                    "Version": p.version,
+                    "DataType": "text",
+                    "ARN": format!("arn:aws:ssm:eu-west-1:123456789012:parameter{}", name),
+                }}),
+            )
+        }
         None => error(400, "ParameterNotFound", ""),
     }
 }

@@ -4,8 +4,9 @@
 //!
 //! As strict as the service's API reference: required members, lengths,
 //! enums, the compliance-type pattern, at most 20 details per item, page
-//! sizes (1–50; 5–50 for instance information), signed requests, and
-//! compliance only on registered managed instances (`InvalidResourceId`).
+//! sizes (1–50; 5–50 for instance information), and compliance only on
+//! registered managed instances (`InvalidResourceId`). Unsigned requests
+//! are refused before any operation (`ssm::handle`).
 
 // A test double: its errors are HTTP replies, built once per request.
 #![allow(clippy::result_large_err)]
@@ -83,24 +84,17 @@ fn start(body: &Value) -> Result<usize, Response> {
     }
 }
 
-fn page<T: Clone>(all: &[T], from: usize, size: usize) -> (Vec<T>, Option<String>) {
+/// One page of `all` as the reply `{KEY: [...], "NextToken": ...}`.
+fn page<T: serde::Serialize>(key: &str, all: &[T], from: usize, size: usize) -> Response {
     let end = (from + size).min(all.len());
-    let items = all.get(from..end).unwrap_or_default().to_vec();
-    let next = (end < all.len()).then(|| format!("page-{end}"));
-    (items, next)
+    let mut out = j!({ key: all.get(from..end).unwrap_or_default() });
+    if end < all.len() {
+        out["NextToken"] = j!(format!("page-{end}"));
+    }
+    json(200, out)
 }
 
 pub fn answer(s: &mut Ssm, op: &str, r: &Request) -> Response {
-    if r.authorization
-        .as_deref()
-        .is_none_or(|a| !a.starts_with("AWS4-HMAC-SHA256 "))
-    {
-        return error(
-            400,
-            "MissingAuthenticationTokenException",
-            "request is not signed",
-        );
-    }
     let result = match op {
         "PutComplianceItems" => put(s, &r.body),
         "ListResourceComplianceSummaries" => summaries(s, &r.body),
@@ -271,8 +265,7 @@ fn summaries(s: &Ssm, body: &Value) -> Result<Response, Response> {
             })
         })
         .collect();
-    let (items, next) = page(&matching, from, size);
-    let items: Vec<Value> = items
+    let items: Vec<Value> = matching
         .iter()
         .map(|c| {
             let count = |status: &str| {
@@ -313,11 +306,7 @@ fn summaries(s: &Ssm, body: &Value) -> Result<Response, Response> {
             })
         })
         .collect();
-    let mut out = j!({ "ResourceComplianceSummaryItems": items });
-    if let Some(n) = next {
-        out["NextToken"] = j!(n);
-    }
-    Ok(json(200, out))
+    Ok(page("ResourceComplianceSummaryItems", &items, from, size))
 }
 
 fn items(s: &Ssm, body: &Value) -> Result<Response, Response> {
@@ -346,12 +335,7 @@ fn items(s: &Ssm, body: &Value) -> Result<Response, Response> {
             all.push(item);
         }
     }
-    let (items, next) = page(&all, from, size);
-    let mut out = j!({ "ComplianceItems": items });
-    if let Some(n) = next {
-        out["NextToken"] = j!(n);
-    }
-    Ok(json(200, out))
+    Ok(page("ComplianceItems", &all, from, size))
 }
 
 fn instances(s: &Ssm, body: &Value) -> Result<Response, Response> {
@@ -394,10 +378,5 @@ fn instances(s: &Ssm, body: &Value) -> Result<Response, Response> {
         })
         .map(|i| j!({"InstanceId": i.id, "PingStatus": "Online", "PlatformType": "Linux", "ResourceType": "EC2Instance"}))
         .collect();
-    let (items, next) = page(&matching, from, size);
-    let mut out = j!({ "InstanceInformationList": items });
-    if let Some(n) = next {
-        out["NextToken"] = j!(n);
-    }
-    Ok(json(200, out))
+    Ok(page("InstanceInformationList", &matching, from, size))
 }

@@ -34,6 +34,18 @@ const NETWORK_FIX: &str = "the instance needs HTTPS (port 443) to api.flakehub.c
      and STS: check its security group's outbound rules, its subnet's route to a NAT gateway or \
      internet gateway, and any proxy";
 
+/// What a transport failure says (reqwest's "error sending request", DNS,
+/// connect, time-outs), in fh's and determinate-nixd's messages alike.
+const UNREACHABLE: &[&str] = &[
+    "error sending request",
+    "dns",
+    "connect",
+    "timed out",
+    "timeout",
+    "network",
+    "unreachable",
+];
+
 fn has(lines: &[String], words: &[&str]) -> bool {
     lines.iter().any(|l| {
         let l = l.to_ascii_lowercase();
@@ -132,18 +144,7 @@ pub fn login(ended: Ended<'_>, principal: Option<&str>) -> Cause {
             fix: super::ROLE_NEEDS.to_owned(),
         };
     }
-    if has(
-        stderr,
-        &[
-            "error sending request",
-            "dns",
-            "connect",
-            "timed out",
-            "timeout",
-            "network",
-            "unreachable",
-        ],
-    ) {
+    if has(stderr, UNREACHABLE) {
         return Cause {
             detail: format!("FlakeHub or STS cannot be reached ({status}){quote}"),
             fix: NETWORK_FIX.to_owned(),
@@ -225,17 +226,7 @@ pub fn resolve(ended: Ended<'_>, shown: &str, logged_in: bool) -> Cause {
                 .to_owned(),
         };
     }
-    if has(
-        stderr,
-        &[
-            "error sending request",
-            "dns",
-            "connect",
-            "timed out",
-            "network",
-            "unreachable",
-        ],
-    ) {
+    if has(stderr, UNREACHABLE) {
         return Cause {
             detail: format!("FlakeHub cannot be reached ({status}){quote}"),
             fix: NETWORK_FIX.to_owned(),

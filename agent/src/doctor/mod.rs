@@ -113,16 +113,13 @@ pub async fn run(
     config.agent.command_timeout = config.agent.command_timeout.min(COMMAND_BUDGET);
     let config = config;
     let agent = &config.agent;
-    // (fh, determinate-nixd) can be started.
-    let programs_ok = (
-        check_program(&agent.fh).is_ok(),
-        check_program(&agent.determinate_nixd).is_ok(),
-    );
-    for (name, path) in [
+    // Whether fh and determinate-nixd can be started, as their checks found.
+    let [fh_ok, nixd_ok] = [
         ("fh", &agent.fh),
         ("determinate-nixd", &agent.determinate_nixd),
-    ] {
-        checks.push(match check_program(path) {
+    ]
+    .map(|(name, path)| {
+        let c = match check_program(path) {
             Ok(()) => check(
                 name,
                 Status::Pass,
@@ -135,8 +132,11 @@ pub async fn run(
                 e.to_string(),
                 Some("set [agent] in the config file to the program's absolute path"),
             ),
-        });
-    }
+        };
+        let ok = c.status == Status::Pass;
+        checks.push(c);
+        ok
+    });
     checks.push(nix_for_fh(agent));
     checks.push(state_dir(&agent.state_dir));
 
@@ -319,7 +319,7 @@ pub async fn run(
             None,
         ));
         false
-    } else if !programs_ok.1 {
+    } else if !nixd_ok {
         checks.push(check(
             "FlakeHub login",
             Status::Skip,
@@ -333,7 +333,7 @@ pub async fn run(
         checks.push(c);
         ok
     };
-    if !programs_ok.0 {
+    if !fh_ok {
         checks.push(check("target resolves", Status::Skip, "needs fh", None));
         return checks;
     }
