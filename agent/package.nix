@@ -55,10 +55,12 @@ rustPlatform.buildRustPackage {
   ];
 
   postInstall = ''
-    install -Dm644 agent/systemd/nixos-ami-agent.service agent/systemd/nixos-ami-agent-run.service \
-      agent/systemd/nixos-ami-agent-run.timer -t $out/lib/systemd/system
+    install -Dm644 agent/systemd/nixos-ami-agent.service agent/systemd/nixos-ami-agent-fetch.service \
+      agent/systemd/nixos-ami-agent-run.service agent/systemd/nixos-ami-agent-run.timer \
+      -t $out/lib/systemd/system
     install -Dm644 agent/systemd/80-nixos-ami-agent.preset -t $out/lib/systemd/system-preset
     substituteInPlace $out/lib/systemd/system/nixos-ami-agent.service \
+      $out/lib/systemd/system/nixos-ami-agent-fetch.service \
       $out/lib/systemd/system/nixos-ami-agent-run.service \
       --replace-fail '@bindir@' "$out/bin"
   ''

@@ -57,8 +57,8 @@ in
 
     systemd.services =
       let
-        # What NixOS adds to both units (an overrides.conf drop-in next to
-        # the package's unit files).
+        # What NixOS adds to the agent's units (an overrides.conf drop-in
+        # next to the package's unit files).
         common = {
           # The run switches this very system: a switch must neither restart
           # nor stop it (the unit files say so too: switch-to-configuration
@@ -67,9 +67,10 @@ in
           restartIfChanged = false;
           unitConfig.X-StopOnRemoval = false;
           # A NixOS unit's PATH has no `nix` (nixos/lib/systemd-lib.nix),
-          # and `fh apply` refuses to run without one (DeterminateSystems/fh
-          # src/cli/cmd/mod.rs, nix_command). The agent also puts the
-          # system's sw/bin first on its children's PATH.
+          # and `fh apply` and `fh fetch` (which runs `nix copy`) refuse to
+          # run without one (DeterminateSystems/fh src/cli/cmd/mod.rs,
+          # nix_command). The agent also puts the system's sw/bin first on
+          # its children's PATH.
           path = [ config.nix.package ];
           # The instance-role credentials come from IMDS; a configured proxy
           # must never see them. The operator's own exceptions are kept.
@@ -87,6 +88,14 @@ in
         };
         # Every later run: the watch timer, pushed rollouts, operators.
         nixos-ami-agent-run = common;
+        # The boot's download, while the boot goes on. No wantedBy: only
+        # the boot run's Wants= pulls it in, and no target waits for it.
+        # Disabled, NixOS masks the package's unit; the boot run's Wants=
+        # on a masked unit is harmless, and the run downloads the closure
+        # itself.
+        nixos-ami-agent-fetch = common // {
+          enable = lib.mkIf (!cfg.fetchAtBoot) false;
+        };
       };
 
     systemd.timers.nixos-ami-agent-run = lib.mkIf cfg.watch.enable {

@@ -61,6 +61,12 @@ let
       };
     };
   };
+  noFetch = eval {
+    services.nixos-ami-agent = {
+      enable = true;
+      fetchAtBoot = false;
+    };
+  };
   disabled = eval { };
   # The AMI profile imports the module, and the README tells every target
   # configuration to import it too: twice must be harmless.
@@ -72,6 +78,7 @@ let
   failed = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
   service = base.systemd.services.nixos-ami-agent;
   run = base.systemd.services.nixos-ami-agent-run;
+  fetch = base.systemd.services.nixos-ami-agent-fetch;
   timer = watched.systemd.timers.nixos-ami-agent-run;
   cfg = base.services.nixos-ami-agent;
   # The unit text NixOS generates (overrides.conf next to the package's).
@@ -80,7 +87,10 @@ let
   checks = {
     "the boot run is wanted by multi-user.target" = service.wantedBy == [ "multi-user.target" ];
     "later runs are wanted by nothing (no switch starts them)" = run.wantedBy == [ ];
-    "a switch restarts neither unit" = !service.restartIfChanged && !run.restartIfChanged;
+    "the boot's fetch is wanted by nothing (only the boot run's Wants= pulls it in)" =
+      fetch.wantedBy == [ ];
+    "a switch restarts none of the units" =
+      !service.restartIfChanged && !run.restartIfChanged && !fetch.restartIfChanged;
     "X-RestartIfChanged=false is in [Service], where switch-to-configuration reads it" =
       lib.all
         (
@@ -93,13 +103,29 @@ let
         [
           "nixos-ami-agent.service"
           "nixos-ami-agent-run.service"
+          "nixos-ami-agent-fetch.service"
         ];
-    "a switch stops neither unit" =
-      !service.unitConfig.X-StopOnRemoval && !run.unitConfig.X-StopOnRemoval;
-    "fh finds nix on the units' PATH" =
-      lib.elem base.nix.package service.path && lib.elem base.nix.package run.path;
+    "a switch stops none of the units" =
+      !service.unitConfig.X-StopOnRemoval
+      && !run.unitConfig.X-StopOnRemoval
+      && !fetch.unitConfig.X-StopOnRemoval;
+    "fh finds nix on the units' PATH" = lib.all (u: lib.elem base.nix.package u.path) [
+      service
+      run
+      fetch
+    ];
     "the unit files come from the package" = lib.elem cfg.package base.systemd.packages;
-    "IMDS bypasses proxies" = lib.hasPrefix "169.254.169.254," service.environment.NO_PROXY;
+    "IMDS bypasses proxies" = lib.all (u: lib.hasPrefix "169.254.169.254," u.environment.NO_PROXY) [
+      service
+      run
+      fetch
+    ];
+    "the boot's fetch is on by default" = fetch.enable;
+    "fetchAtBoot = false disables (masks) the boot's fetch" =
+      !noFetch.systemd.services.nixos-ami-agent-fetch.enable;
+    "fetchAtBoot = false leaves the boot run as it was" =
+      noFetch.systemd.services.nixos-ami-agent.wantedBy == [ "multi-user.target" ]
+      && noFetch.systemd.services.nixos-ami-agent.enable;
     "no timer unless watch.enable" = !(base.systemd.timers ? nixos-ami-agent-run);
     "the timer resets the package's values once, then sets both" =
       timer.timerConfig.OnActiveSec == [

@@ -242,6 +242,24 @@ in
       };
     };
 
+    fetchAtBoot = mkOption {
+      type = types.bool;
+      default = true;
+      example = false;
+      description = ''
+        Whether to download the target's closure while the boot goes on:
+        `nixos-ami-agent-fetch.service`, pulled in by the boot run, starts
+        as soon as the network is online, logs in, resolves the target and
+        runs `fh fetch`, which keeps the closure from the garbage collector
+        until a run switches to it. The boot run (after
+        `multi-user.target`) then finds the closure there and only
+        switches. A fetch that fails is recorded (`nixos-ami-agent
+        status`, the journal) but fails nothing: the run downloads what is
+        missing. When false, the unit is masked and the boot run downloads
+        the closure itself, after `multi-user.target`, as before.
+      '';
+    };
+
     watch = {
       enable = lib.mkEnableOption ''
         a timer (`nixos-ami-agent-run.timer`) that re-runs the agent through

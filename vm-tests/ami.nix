@@ -123,6 +123,14 @@ pkgs.testers.runNixOSTest (
                     "for c in fh git nix determinate-nixd nixos-ami-agent; do command -v \"$c\"; done"
                 )
               machine.succeed("systemctl is-enabled nixos-ami-agent.service")
+              # The boot's fetch: shipped, not masked (fetchAtBoot), wanted by
+              # the boot run alone.
+              machine.succeed(
+                  "systemctl show -p LoadState --value nixos-ami-agent-fetch.service | grep -qx loaded"
+              )
+              assert machine.succeed(
+                  "systemctl show -p WantedBy --value nixos-ami-agent-fetch.service"
+              ).strip() == "nixos-ami-agent.service"
 
           with subtest("the boot run applies the user data's target"):
               machine.wait_until_succeeds("${common.markerRunning "target"}", timeout=600)
@@ -132,20 +140,44 @@ pkgs.testers.runNixOSTest (
               machine.succeed(
                   "test $(readlink -f /run/current-system) = $(readlink -f /run/booted-system/specialisation/target)"
               )
-              calls = machine.succeed("cat /var/lib/standin/calls").splitlines()
-              assert calls == [
-                  "determinate-nixd login aws",
-                  "fh resolve --json ${ref}",
-                  "fh apply nixos ${ref} switch",
-              ], calls
+              login = "determinate-nixd login aws"
+              resolve = "fh resolve --json ${ref}"
+              fetch_call = "fh fetch ${ref} ${common.fetchedLink}"
+              apply = "fh apply nixos ${ref} switch"
+              # The boot run fetches only what the boot's fetch has not
+              # fetched yet (it does not wait for it).
+              run_calls = machine.succeed(
+                  "${common.callsFrom "nixos-ami-agent.service"}"
+              ).splitlines()
+              assert run_calls in (
+                  [login, resolve, apply],
+                  [login, resolve, fetch_call, apply],
+              ), run_calls
               state = json.loads(machine.succeed("nixos-ami-agent status --json"))
               assert state["last-run"]["outcome"] == "applied", state
               assert state["instance-id"] == "i-0123456789abcdef0", state
 
-          with subtest("the outcome line reaches the console (what smoke-test reads)"):
-            machine.wait_for_console_text("nixos-ami-agent: run finished at .*: applied \\(exit 0\\)")
+          with subtest("the boot's fetch downloaded the closure while the boot went on"):
+              machine.wait_until_succeeds("${common.fetchEnded}")
+              machine.succeed("${common.fetchSucceeded}")
+              machine.succeed("${common.fetchOutcome ref}")
+              fetch_calls = machine.succeed(
+                  "${common.callsFrom "nixos-ami-agent-fetch.service"}"
+              ).splitlines()
+              assert fetch_calls in ([login, resolve, fetch_call], [login, resolve]), fetch_calls
+              assert fetch_call in run_calls + fetch_calls, (run_calls, fetch_calls)
+              machine.succeed("journalctl -o cat -u nixos-ami-agent.service | grep -q '^run phases: '")
+              status = machine.succeed("nixos-ami-agent status")
+              assert "  phases:     " in status, status
+              assert "last fetch:" in status, status
+              # Switched: the system profile roots the closure, the
+              # fetch's GC root is gone.
+              machine.succeed("test ! -L ${common.fetchedLink} && test ! -e ${common.fetchedLink}")
 
-        with subtest("a later switch does not start another run"):
+          with subtest("the outcome line reaches the console (what smoke-test reads)"):
+              machine.wait_for_console_text("nixos-ami-agent: run finished at .*: applied \\(exit 0\\)")
+
+          with subtest("a later switch does not start another run"):
               machine.succeed("/run/current-system/bin/switch-to-configuration test")
               machine.sleep(3)
               assert machine.succeed("${common.runsStarted}").strip() == "1"

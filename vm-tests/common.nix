@@ -9,7 +9,16 @@
 # (it brings none of its own), sets the system profile with
 # `nix build --profile` as fh does, and runs switch-to-configuration of
 # the target (a specialisation of the booted system, in its closure),
-# ignoring the switch's exit status like fh.
+# ignoring the switch's exit status like fh. `fh fetch REF LINK` also
+# needs `nix` on the PATH, as fh's does, and roots the target's closure at
+# LINK as fh does when `nix copy` has no `--out-link` (`nix-store --realise
+# PATH --add-root LINK`); the closure is already in the store, so there is
+# nothing to copy.
+#
+# Each stand-in records its arguments in /var/lib/standin/calls, and also in
+# /var/lib/standin/by-unit/UNIT, UNIT being the systemd unit it runs in: the
+# boot's fetch (nixos-ami-agent-fetch.service) and the boot run log in and
+# resolve at the same time, in no fixed order.
 {
   pkgs,
   self,
@@ -27,13 +36,50 @@ rec {
   # Counts the runs the agent started (each logs "instance <id>" first).
   runsStarted = "journalctl -o cat -u nixos-ami-agent.service -u nixos-ami-agent-run.service | grep -c '^instance '";
 
+  # The stand-ins' calls from one unit (see `standins`), for the test
+  # script's `.splitlines()`.
+  callsFrom = unit: "cat /var/lib/standin/by-unit/${unit}";
+
+  # Where the boot's fetch roots the closure it downloaded (fh fetch's
+  # LINK); the run removes it once it switched.
+  fetchedLink = "/var/lib/nixos-ami-agent/fetched";
+
+  # The boot's fetch (nixos-ami-agent-fetch.service) ended: Type=oneshot
+  # with RemainAfterExit, it stays active (exited).
+  fetchEnded = "systemctl show -p SubState --value nixos-ami-agent-fetch.service | grep -qx exited";
+
+  # ... and succeeded. Its ExecStart=- makes every fetch a success of the
+  # unit; the exit status says whether the fetch itself was one.
+  fetchSucceeded =
+    "systemctl show -p Result --value nixos-ami-agent-fetch.service | grep -qx success"
+    + " && systemctl show -p ExecMainStatus --value nixos-ami-agent-fetch.service | grep -qx 0";
+
+  # Its outcome event (MESSAGE_ID FETCHED) says it has the closure of
+  # `flakeRef`: it fetched it; or it found it already fetched, by a boot
+  # run that got to it first; or there was nothing to fetch, that run
+  # having switched to it already. The boot run does not wait for the
+  # fetch, so any of them may be the one; not "nothing to fetch: no
+  # target", nor a failure.
+  fetchOutcome =
+    flakeRef:
+    "journalctl -o cat -u nixos-ami-agent-fetch.service MESSAGE_ID=0aa4216b344d48ac89b65ded8963555c"
+    + " | grep -qE '^(fetched ${flakeRef} [(]|nothing to fetch: .* already /nix/store/)|^${flakeRef} [(].*[)] is already fetched$'";
+
   # The stand-in programs for a machine's pkgs.
   standins =
     pkgs:
     let
       record = ''
-        mkdir -p /var/lib/standin
+        mkdir -p /var/lib/standin/by-unit
         printf '%s\n' "$(basename "$0") $*" >> /var/lib/standin/calls
+        # The unit it runs in: the last part of its cgroup (cgroup v2).
+        unit=none
+        while IFS= read -r line; do
+          case "$line" in
+            0::*.service) unit=''${line##*/} ;;
+          esac
+        done < /proc/self/cgroup
+        printf '%s\n' "$(basename "$0") $*" >> "/var/lib/standin/by-unit/$unit"
       '';
     in
     {
@@ -61,6 +107,17 @@ rec {
               nix --extra-experimental-features 'nix-command flakes' build \
                 --no-link --max-jobs 0 --profile /nix/var/nix/profiles/system "$path"
               /nix/var/nix/profiles/system/bin/switch-to-configuration "''${4:-switch}" || true ;;
+            "fetch "*)
+              [ $# -eq 3 ] || { echo "fh stand-in: usage: fh fetch FLAKE_REF TARGET_LINK" >&2; exit 2; }
+              if ! command -v nix >/dev/null; then
+                echo "Error: failed to copy resolved store path with Nix: nix is not installed or not on the PATH" >&2
+                exit 1
+              fi
+              path=$(target "$2")
+              # The target is in the booted system's closure: nothing to
+              # copy, only the root to add (fh's fallback for a `nix copy`
+              # without --out-link).
+              nix-store --realise "$path" --add-root "$3" >/dev/null ;;
             *) echo "fh stand-in: unexpected arguments: $*" >&2; exit 2 ;;
           esac
         '';
@@ -174,7 +231,7 @@ rec {
         };
       };
       systemd.services =
-        lib.genAttrs [ "nixos-ami-agent" "nixos-ami-agent-run" ] (_: {
+        lib.genAttrs [ "nixos-ami-agent" "nixos-ami-agent-fetch" "nixos-ami-agent-run" ] (_: {
           after = [ "imds-ssm-doubles.service" ];
           environment.AWS_ENDPOINT_URL_SSM = "http://127.0.0.1:4566";
         })
@@ -182,7 +239,10 @@ rec {
           imds-ssm-doubles = {
             description = "IMDS and SSM doubles";
             wantedBy = [ "multi-user.target" ];
-            before = [ "nixos-ami-agent.service" ];
+            before = [
+              "nixos-ami-agent.service"
+              "nixos-ami-agent-fetch.service"
+            ];
             path = [
               pkgs.iproute2
               pkgs.coreutils

@@ -35,5 +35,17 @@ pkgs.testers.runNixOSTest {
     machine.succeed(
         "journalctl -u nixos-ami-agent -o cat MESSAGE_ID=3f88d658b85143fcbb03f62a0a791e73 SSM_PARAMETER=/fleets/web | grep -q applied"
     )
+
+    # The boot's fetch read the same parameter and fetched (or found) the
+    # target's closure, while the boot went on.
+    machine.wait_until_succeeds("${common.fetchEnded}")
+    machine.succeed("${common.fetchSucceeded}")
+    machine.succeed("${common.fetchOutcome ref}")
+    machine.succeed(
+        "journalctl -u nixos-ami-agent-fetch -o cat MESSAGE_ID=0aa4216b344d48ac89b65ded8963555c SSM_PARAMETER=/fleets/web | grep -q ."
+    )
+    machine.succeed("journalctl -o cat -u nixos-ami-agent.service | grep -q '^run phases: '")
+    assert "  phases:     " in machine.succeed("nixos-ami-agent status")
+    machine.succeed("test ! -L ${common.fetchedLink} && test ! -e ${common.fetchedLink}")
   '';
 }

@@ -1,5 +1,6 @@
 # TOML user data: the instance ends in the target configuration, applied
-# once, in order, and a second run finds nothing to do.
+# once, in order, its closure fetched while the boot went on
+# (nixos-ami-agent-fetch.service), and a second run finds nothing to do.
 {
   pkgs,
   common,
@@ -28,16 +29,48 @@ pkgs.testers.runNixOSTest {
     machine.succeed(
         "test $(readlink -f /run/current-system) = $(readlink -f /run/booted-system/specialisation/target)"
     )
+
+    # The boot's fetch ran beside the boot run, and succeeded.
+    machine.wait_until_succeeds("${common.fetchEnded}")
+    machine.succeed("${common.fetchSucceeded}")
+    machine.succeed("${common.fetchOutcome ref}")
+    machine.succeed("journalctl -o cat -u nixos-ami-agent-fetch.service | grep -q '^fetch phases: '")
+
+    login = "determinate-nixd login aws"
+    resolve = "fh resolve --json ${ref}"
+    fetch_call = "fh fetch ${ref} ${common.fetchedLink}"
+    apply = "fh apply nixos ${ref} switch"
+    # The boot run does not wait for the fetch: it fetches itself only what
+    # is not fetched yet, and normally only switches. Either way the
+    # closure was fetched before the switch, by one of them.
+    run_calls = machine.succeed("${common.callsFrom "nixos-ami-agent.service"}").splitlines()
+    assert run_calls in ([login, resolve, apply], [login, resolve, fetch_call, apply]), run_calls
+    fetch_calls = machine.succeed(
+        "${common.callsFrom "nixos-ami-agent-fetch.service"}"
+    ).splitlines()
+    assert fetch_calls in ([login, resolve, fetch_call], [login, resolve]), fetch_calls
+    assert fetch_call in run_calls + fetch_calls, (run_calls, fetch_calls)
     calls = machine.succeed("cat /var/lib/standin/calls").splitlines()
-    assert calls == [
-        "determinate-nixd login aws",
-        "fh resolve --json ${ref}",
-        "fh apply nixos ${ref} switch",
-    ], calls
+    assert len(calls) == len(run_calls) + len(fetch_calls), calls
+    # A fetch of the run's own that failed would only be a warning.
+    machine.fail("journalctl -o cat -u nixos-ami-agent.service | grep -q '^fetching failed'")
 
     state = json.loads(machine.succeed("nixos-ami-agent status --json"))
     assert state["last-run"]["outcome"] == "applied", state
     assert state["last-run"]["target"]["flake"] == "${ref}", state
+    phases = [p["phase"] for p in state["last-run"]["phases"]]
+    assert "fetch" in phases and "switch" in phases, state
+
+    # Where the time went: in the journal, and in `status` (the last run's
+    # phases, and the boot's fetch).
+    machine.succeed("journalctl -o cat -u nixos-ami-agent.service | grep -q '^run phases: '")
+    status = machine.succeed("nixos-ami-agent status")
+    assert "  phases:     " in status, status
+    assert "last fetch:" in status, status
+
+    # Switched: the system profile roots the closure now, and the fetch's
+    # GC root is gone.
+    machine.succeed("test ! -L ${common.fetchedLink} && test ! -e ${common.fetchedLink}")
     machine.succeed(
         "journalctl -u nixos-ami-agent -o cat MESSAGE_ID=3f88d658b85143fcbb03f62a0a791e73 FLAKE_REF=${ref} | grep -q applied"
     )

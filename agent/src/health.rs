@@ -84,8 +84,15 @@ pub async fn failed_units(
 /// again, so a boot unit whose run failed is started by the next switch,
 /// switch-to-configuration-ng's "Forget about previously failed
 /// services"): it ends only after this run, so waiting for it would hold
-/// the gate until its own timeout.
-const AGENT_UNITS: [&str; 2] = ["nixos-ami-agent.service", "nixos-ami-agent-run.service"];
+/// the gate until its own timeout. The boot's fetch
+/// (`nixos-ami-agent-fetch.service`) may still be downloading a target
+/// that changed since: nothing the switch started, and nothing the
+/// system's health depends on.
+const AGENT_UNITS: [&str; 3] = [
+    "nixos-ami-agent.service",
+    "nixos-ami-agent-run.service",
+    "nixos-ami-agent-fetch.service",
+];
 
 /// Until systemd has settled after the switch, or the deadline.
 ///

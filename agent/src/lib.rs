@@ -13,13 +13,14 @@
 
 /// The gate's settings and verdict (pure); [`health`] observes.
 pub use nixos_ami_agent_core::health as health_rules;
-pub use nixos_ami_agent_core::{config, plan, settings, text, userdata};
+pub use nixos_ami_agent_core::{config, phases, plan, settings, text, userdata};
 
 pub mod aws;
 pub mod cli;
 pub mod compliance;
 pub mod doctor;
 pub mod exit;
+pub mod fetch;
 pub mod fleet;
 pub mod gate;
 pub mod health;
@@ -40,3 +41,4 @@ pub mod steps;
 pub mod stop;
 pub mod system;
 pub mod systemd;
+pub mod timing;

@@ -35,6 +35,13 @@ pub mod message_id {
     /// The target was unhealthy after the switch and the previous system
     /// was put back; its store path is rejected.
     pub const ROLLED_BACK: &str = "71e23dba107e468494c831ed1fa05bbc";
+    /// Where a run's (or the boot's fetch's) time went: `PHASES_MS`
+    /// (`login=900 fetch=8100 ...`) and, for the first run of a boot,
+    /// `SINCE_BOOT_MS`.
+    pub const PHASES: &str = "d83fcfe263434edda3992e11922913c2";
+    /// The boot's fetch ended: `OUTCOME` is `fetched`, `nothing` or
+    /// `failed`; `STORE_PATH` what it fetched.
+    pub const FETCHED: &str = "0aa4216b344d48ac89b65ded8963555c";
 }
 
 const CAPPED: &[&str] = &[

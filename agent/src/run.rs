@@ -9,6 +9,7 @@ use crate::health_rules::HealthLayer;
 use crate::imds::Imds;
 use crate::log;
 use crate::notify;
+use crate::phases::Phase;
 use crate::plan::{self, Decision, RebootInputs};
 use crate::reboot;
 use crate::redact::Redactor;
@@ -19,8 +20,9 @@ use crate::state::{
     HealthState, Outcome, Previous, RebootRecord, RunRecord, ScriptRecord, State, Store,
     TargetRecord,
 };
-use crate::steps::{apply, login, resolve, script};
+use crate::steps::{apply, fetch, login, resolve, script};
 use crate::system;
+use crate::timing::Clock;
 use crate::userdata::{self, Digest, UserData};
 use std::path::PathBuf;
 use tracing::{Instrument, Span, field};
@@ -214,6 +216,10 @@ struct Context<'a> {
     imds: &'a Imds,
     endpoint: &'a str,
     store: &'a Store,
+    /// Where this run's time goes.
+    clock: &'a Clock,
+    /// The first run of this boot: its phases start with the boot.
+    first_of_boot: bool,
 }
 
 /// One run, in a span whose fields (`INSTANCE_ID`, `FLAKE_REF`,
@@ -303,12 +309,37 @@ async fn run_inner(
     let (imds, endpoint) = imds(config, env)?;
     let store = Store::open(&agent.state_dir)?;
     let _lock = store.lock(agent.lock_wait).await?;
+    let boot = system::boot_id(&agent.boot_id);
+    // The first run of a boot (none in the history carries this boot's
+    // ID) reports how long the boot took to get to it.
+    let first_of_boot = boot.is_some()
+        && !crate::history::read(store.safe_dir())
+            .iter()
+            .any(|e| e.boot_id == boot);
+    let clock = Clock::new();
+    if first_of_boot && let Some(d) = crate::timing::since_boot() {
+        clock.add(Phase::Boot, d);
+    }
     // Every run that got this far is in the history, however it ends:
     // also one that never learns which instance it is on.
-    let entry = crate::history::start(store.safe_dir(), system::boot_id(&agent.boot_id));
+    let entry = crate::history::start(store.safe_dir(), boot);
     // The start of the record this run saved, once it saved one.
     let mut recorded = None;
-    let result = run_locked(config, env, &imds, &endpoint, &store, &mut recorded).await;
+    let ctx = Context {
+        config,
+        env,
+        imds: &imds,
+        endpoint: &endpoint,
+        store: &store,
+        clock: &clock,
+        first_of_boot,
+    };
+    let result = run_locked(&ctx, &mut recorded).await;
+    crate::timing::report(
+        "run",
+        &clock.phases(),
+        first_of_boot.then(crate::timing::since_boot).flatten(),
+    );
     let (outcome, code, message) = match &result {
         Ok(r) => (
             match r.outcome {
@@ -335,24 +366,11 @@ async fn run_inner(
     result
 }
 
-async fn run_locked(
-    config: &Config,
-    env: &Environment,
-    imds: &Imds,
-    endpoint: &str,
-    store: &Store,
-    recorded: &mut Option<String>,
-) -> Result<Report, Failure> {
+async fn run_locked(ctx: &Context<'_>, recorded: &mut Option<String>) -> Result<Report, Failure> {
+    let (config, imds, store) = (ctx.config, ctx.imds, ctx.store);
     let agent = &config.agent;
-    let ctx = Context {
-        config,
-        env,
-        imds,
-        endpoint,
-        store,
-    };
     notify::status("reading instance metadata");
-    let instance_id = imds.instance_id().await?;
+    let instance_id = ctx.clock.time(Phase::Metadata, imds.instance_id()).await?;
     Span::current().record("instance_id", instance_id.as_str());
     tracing::info!("instance {instance_id}");
 
@@ -389,14 +407,15 @@ async fn run_locked(
     // Bad input stops everything, scripts included; it is still recorded
     // so that `status` can say why nothing happened.
     notify::status("fetching user data");
-    let ud = match imds
-        .user_data()
+    let ud = match ctx
+        .clock
+        .time(Phase::Metadata, imds.user_data())
         .await
         .map_err(Failure::from)
         .and_then(|raw| sniff(raw.as_deref()))
     {
         Ok(ud) => ud,
-        Err(e) => return finish(store, &mut state, record, Err(e), 0),
+        Err(e) => return finish(ctx, &mut state, record, Err(e), 0),
     };
     let settings = settings(config, &ud);
     let no_health = Default::default();
@@ -426,6 +445,7 @@ async fn run_locked(
             mode: u.mode,
             applied_started: &u.started,
         };
+        let gate_started = std::time::Instant::now();
         let done = match u.step {
             gate::Step::Judge => g.run(&mut state, &mut record, u.record).await,
             gate::Step::RollBack => {
@@ -451,11 +471,12 @@ async fn run_locked(
                 )))
             }
         };
+        ctx.clock.add(Phase::Health, gate_started.elapsed());
         if let Err(e) = done {
             let reboot_back = u.mode == gate::Mode::Booted
                 && matches!(e, Failure::RolledBack(_))
                 && settings.reboot.value != crate::settings::RebootPolicy::Never;
-            let failed = finish(store, &mut state, record, Err(e), 0);
+            let failed = finish(ctx, &mut state, record, Err(e), 0);
             if reboot_back && crate::stop::requested().is_none() {
                 // The one reboot back into the previous system. The boot
                 // it is asked in is recorded first: a later boot that
@@ -480,7 +501,7 @@ async fn run_locked(
         record.store_path = None;
     }
     let converged = converge(
-        &ctx,
+        ctx,
         settings,
         user_health,
         &mut state,
@@ -492,12 +513,12 @@ async fn run_locked(
     {
         // A bad parameter value is bad input too: nothing runs. Nor after
         // a rollback, or for a rejected target: the run ends there.
-        return finish(store, &mut state, record, Err(e), 0);
+        return finish(ctx, &mut state, record, Err(e), 0);
     }
     // A stopping run starts nothing new: scripts wait for the next run.
     let scripts = match crate::stop::requested() {
         Some(_) => Ok(0),
-        None => run_scripts(&ctx, &mut state, &ud).await,
+        None => run_scripts(ctx, &mut state, &ud).await,
     };
     let (mut converged, script_failures) = match scripts {
         Ok(n) => (converged, n),
@@ -513,7 +534,7 @@ async fn run_locked(
             signal.as_str()
         )));
     }
-    let mut report = finish(store, &mut state, record, converged, script_failures)?;
+    let mut report = finish(ctx, &mut state, record, converged, script_failures)?;
     if crate::stop::requested().is_some() {
         // Asked to stop after the work was done: recorded as it went, but
         // no reboot now; the next run asks for it if it is still needed.
@@ -606,12 +627,18 @@ fn mark_reboot_requested(state: &mut State, requested: Option<Option<String>>) {
 }
 
 fn finish(
-    store: &Store,
+    ctx: &Context<'_>,
     state: &mut State,
     mut record: RunRecord,
     converged: Result<(Outcome, String), Failure>,
     script_failures: usize,
 ) -> Result<Report, Failure> {
+    let store = ctx.store;
+    record.phases = ctx.clock.phases().records();
+    if ctx.first_of_boot {
+        record.after_boot_ms =
+            crate::timing::since_boot().map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    }
     let result = match converged {
         Ok((outcome, message)) => {
             record.finish(outcome, message.clone());
@@ -644,7 +671,13 @@ async fn converge(
     previous_run: Option<&RunRecord>,
 ) -> Result<(Outcome, String), Failure> {
     let (agent, store) = (&ctx.config.agent, ctx.store);
-    let r = resolve_target(ctx.config, ctx.env, ctx.imds, ctx.endpoint, settings).await?;
+    let r = ctx
+        .clock
+        .time(
+            Phase::Metadata,
+            resolve_target(ctx.config, ctx.env, ctx.imds, ctx.endpoint, settings),
+        )
+        .await?;
     let Some(flake) = r.flake else {
         let message =
             "nothing to do: no target (neither user data nor the image names a flake or SSM parameter)"
@@ -682,11 +715,19 @@ async fn converge(
             step = login::STEP,
             "logging in to FlakeHub (determinate-nixd login aws)"
         );
-        login::login(agent, &backoff, &r.redactor).await?;
+        ctx.clock
+            .time(Phase::Login, login::login(agent, &backoff, &r.redactor))
+            .await?;
     }
     notify::status(&format!("resolving {shown}"));
     tracing::info!(step = resolve::STEP, "resolving {shown}");
-    let resolved = resolve::resolve(agent, &backoff, &r.redactor, &flake).await?;
+    let resolved = ctx
+        .clock
+        .time(
+            Phase::Resolve,
+            resolve::resolve(agent, &backoff, &r.redactor, &flake),
+        )
+        .await?;
     let target = system::canonical(&resolved).unwrap_or(resolved);
     record.store_path = Some(target.display().to_string());
     Span::current().record("store_path", tracing::field::display(target.display()));
@@ -695,8 +736,17 @@ async fn converge(
     // What changes the running system is judged now (and, if it needs a
     // reboot, again after it); `boot` is judged after the reboot.
     let mut before_apply = None;
+    let link = crate::fetch::link_path(store);
+    if fetch::fetched(&link).is_some_and(|p| p != target) {
+        // Fetched for a target that is no longer wanted: its closure may
+        // go to the collector.
+        fetch::release(&link);
+    }
     let (outcome, mut message) = match plan::decide(action, &target, &system::view(agent)) {
-        Decision::UpToDate { reason } => (Outcome::Unchanged, format!("nothing to do: {reason}")),
+        Decision::UpToDate { reason } => {
+            fetch::release(&link);
+            (Outcome::Unchanged, format!("nothing to do: {reason}"))
+        }
         Decision::Apply => {
             if let Some(rej) = state.rejection(&target.to_string_lossy()) {
                 return Err(Failure::Rejected(format!(
@@ -708,7 +758,13 @@ async fn converge(
                     target.display()
                 )));
             }
-            let before = gate::before_switch(agent).await?;
+            // The download first, then the switch: the time the system
+            // spends between the old closure and the new is the switch.
+            fetch_closure(ctx, &r.redactor, &flake, &shown, &target, &link).await?;
+            let before = ctx
+                .clock
+                .time(Phase::Health, gate::before_switch(agent))
+                .await?;
             // On record before the apply: a run that dies after the switch
             // (a stop during fh, a crash) leaves the gate pending for the
             // next run, with what it needs.
@@ -729,8 +785,18 @@ async fn converge(
                 target.display(),
                 action.as_str()
             );
-            apply::apply(agent, &r.redactor, &flake, action).await?;
-            plan::verify(action, &target, &system::view(agent)).map_err(Failure::NotSwitched)?;
+            ctx.clock
+                .time(
+                    Phase::Switch,
+                    apply::apply(agent, &r.redactor, &flake, action),
+                )
+                .await?;
+            let verify_started = std::time::Instant::now();
+            let verified = plan::verify(action, &target, &system::view(agent));
+            ctx.clock.add(Phase::Verify, verify_started.elapsed());
+            verified.map_err(Failure::NotSwitched)?;
+            // The system profile roots it now.
+            fetch::release(&link);
             (
                 Outcome::Applied,
                 format!(
@@ -808,7 +874,9 @@ async fn converge(
             mode: gate::Mode::InPlace,
             applied_started: &started,
         };
-        g.run(state, record, h.clone()).await?;
+        ctx.clock
+            .time(Phase::Health, g.run(state, record, h.clone()))
+            .await?;
         message.push_str("; healthy");
         if reboot_needed {
             // Healthy now, on the old kernel: judged again in the system
@@ -831,6 +899,70 @@ async fn converge(
         "{message}"
     );
     Ok((outcome, message))
+}
+
+/// The fetch phase of a run that applies: nothing when the boot's fetch
+/// (or an earlier run) already fetched this very store path, else `fh
+/// fetch`. A fetch that fails is only a warning: `fh apply` fetches what
+/// is missing, as it always did. Only a stop ends the run here.
+async fn fetch_closure(
+    ctx: &Context<'_>,
+    redactor: &Redactor,
+    flake: &OutputRef,
+    shown: &str,
+    target: &std::path::Path,
+    link: &std::path::Path,
+) -> Result<(), Failure> {
+    let clock = ctx.clock;
+    if fetch::fetched(link).as_deref() == Some(target) {
+        let at_boot = crate::fetch::read(ctx.store.safe_dir())
+            .filter(|f| f.store_path.as_deref() == Some(&*target.to_string_lossy()))
+            .filter(|f| {
+                f.boot_id.is_some() && f.boot_id == system::boot_id(&ctx.config.agent.boot_id)
+            });
+        let note = match at_boot.as_ref().and_then(|f| f.fetch_time()) {
+            Some(d) => format!("fetched at boot in {}", crate::phases::human(d)),
+            None => "already fetched".to_owned(),
+        };
+        clock.add(Phase::Fetch, std::time::Duration::ZERO);
+        clock.note(Phase::Fetch, note.clone());
+        tracing::info!(
+            step = fetch::STEP,
+            "the closure of {shown} ({}) is here: {note}",
+            target.display()
+        );
+        return Ok(());
+    }
+    notify::status(&format!("fetching {shown}"));
+    tracing::info!(
+        step = fetch::STEP,
+        "fetching {shown} ({})",
+        target.display()
+    );
+    let got = clock
+        .time(
+            Phase::Fetch,
+            fetch::fetch(&ctx.config.agent, redactor, flake, link),
+        )
+        .await;
+    match got {
+        Ok(p) if p == target => {
+            tracing::info!(step = fetch::STEP, "fetched {shown} ({})", target.display());
+        }
+        Ok(p) => tracing::warn!(
+            step = fetch::STEP,
+            "fh fetch fetched {} for {shown}, not {} (the target changed since it was resolved); \
+             fh apply fetches what is missing",
+            p.display(),
+            target.display()
+        ),
+        Err(e @ crate::steps::StepError::Interrupted { .. }) => return Err(e.into()),
+        Err(e) => tracing::warn!(
+            step = fetch::STEP,
+            "fetching failed ({e}); fh apply fetches what is missing"
+        ),
+    }
+    Ok(())
 }
 
 /// Each script once per instance, recorded before it starts: a script that

@@ -108,6 +108,13 @@ pub struct RunRecord {
     /// The health gate after the apply, when one ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthRecord>,
+    /// Where the run's time went, phase by phase.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<crate::phases::Timing>,
+    /// For the first run of a boot: how long after the machine's boot it
+    /// finished (a first boot's boot-to-converged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_boot_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,6 +194,8 @@ impl RunRecord {
             store_path: None,
             reboot: None,
             health: None,
+            phases: vec![],
+            after_boot_ms: None,
         }
     }
 

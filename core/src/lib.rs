@@ -5,7 +5,8 @@
 //! scripts), [`settings`] validates and layers what it and the config file
 //! say, [`config`] reads the image's config file, and [`plan`] decides
 //! whether to apply, what to verify and whether to reboot; [`health`]
-//! judges the system after a switch; [`text`] makes
+//! judges the system after a switch; [`phases`] says where a run's time
+//! went; [`text`] makes
 //! outside text safe to show. The agent crate
 //! does the effects around it; the fuzzer and the property tests need
 //! nothing else.
@@ -14,6 +15,7 @@ pub mod compliance;
 pub mod config;
 pub mod fleet;
 pub mod health;
+pub mod phases;
 pub mod plan;
 pub mod settings;
 pub mod text;

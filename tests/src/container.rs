@@ -28,8 +28,14 @@ const FAKE: &str = "/var/lib/fake-nixos";
 const FAKE_NIX: &str = "/usr/lib/fake-nix/nix";
 /// Every fake system's `bin/switch-to-configuration` links to it.
 const FAKE_SWITCH: &str = "/usr/lib/fake-nix/switch-to-configuration";
-/// The boot run, and every later run.
-pub const AGENT_UNITS: [&str; 2] = ["nixos-ami-agent.service", "nixos-ami-agent-run.service"];
+/// The boot run, every later run, and the boot's fetch.
+pub const AGENT_UNITS: [&str; 3] = [
+    "nixos-ami-agent.service",
+    "nixos-ami-agent-run.service",
+    FETCH_UNIT,
+];
+pub const BOOT_UNIT: &str = "nixos-ami-agent.service";
+pub const FETCH_UNIT: &str = "nixos-ami-agent-fetch.service";
 
 /// Why the boot tests cannot run here, if they cannot.
 pub fn unavailable() -> Option<String> {
@@ -58,6 +64,13 @@ fn nix_is_root() -> bool {
 }
 
 /// The cached rootfs, built by `tests/containers/rootfs.sh` when missing.
+fn property(show: &str, key: &str) -> String {
+    show.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_default()
+        .to_owned()
+}
+
 pub fn rootfs() -> PathBuf {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("containers/rootfs.sh");
     let out = Command::new(&script).output().expect("run rootfs.sh");
@@ -179,6 +192,10 @@ impl Container {
         self.write(
             "/etc/systemd/system/nixos-ami-agent-run.service",
             unit_text("nixos-ami-agent-run.service"),
+        );
+        self.write(
+            &format!("/etc/systemd/system/{FETCH_UNIT}"),
+            unit_text(FETCH_UNIT),
         );
         self.write(
             "/etc/systemd/system/nixos-ami-agent-run.timer",
@@ -305,6 +322,9 @@ impl Container {
             ),
         );
         self.behaviour.unit_dir = Some("/run/systemd/system".into());
+        // The booted system is in the store; every other is downloaded
+        // (by `fh fetch` or `fh apply`) once.
+        self.behaviour.valid = vec!["old-system".into()];
         self.behaviour.current_system = format!("{FAKE}/current-system").into();
         self.behaviour.system_profile = format!("{FAKE}/profile").into();
 
@@ -326,6 +346,7 @@ settled() {
   echo "$snap" | grep -qE '^Job=.+' && return 1
   echo "$snap" | grep -qE '^ExecMainStartTimestampMonotonic=0?$' && return 1
   systemctl show -p ActiveState nixos-ami-agent-run.service | grep -qx 'ActiveState=activating' && return 1
+  systemctl show -p ActiveState nixos-ami-agent-fetch.service | grep -qx 'ActiveState=activating' && return 1
   [ ! -x /etc/test-scenario/wait-for ] || /etc/test-scenario/wait-for
 }
 # Settled twice in a row, half a second apart: no restart pending.
@@ -347,6 +368,9 @@ if [ -x /etc/test-scenario/after ] && [ ! -e "$out.after" ]; then
 fi
 systemctl status $u --no-pager --lines=0 > "$out.status" 2>&1
 systemctl show $u > "$out.show"
+systemctl show nixos-ami-agent-fetch.service > "$out.fetch"
+systemctl show > "$out.manager"
+systemctl is-system-running > "$out.system" 2>&1
 if ! systemctl list-jobs --no-legend | grep -qE 'reboot.target|poweroff.target'; then
   systemctl poweroff
 fi
@@ -492,10 +516,17 @@ fi
             .join("\n--- reboot ---\n")
     }
 
-    /// The agent units' journal entries (boot run and later runs), all
-    /// boots, as JSON objects.
+    /// The agent units' journal entries (boot run, later runs, the boot's
+    /// fetch), all boots, as JSON objects.
     pub fn journal(&self) -> Vec<serde_json::Value> {
-        self.journal_matching(&["-u", AGENT_UNITS[0], "-u", AGENT_UNITS[1]])
+        self.journal_matching(&[
+            "-u",
+            AGENT_UNITS[0],
+            "-u",
+            AGENT_UNITS[1],
+            "-u",
+            AGENT_UNITS[2],
+        ])
     }
 
     /// Entries of the machine's journal over all boots, filtered by
@@ -561,10 +592,86 @@ fi
 
     pub fn show(&self, boot_id: &str, key: &str) -> String {
         let (_, show) = self.report(boot_id);
-        show.lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .unwrap_or_default()
-            .to_owned()
+        property(&show, key)
+    }
+
+    /// A property of the fetch unit (`fetch`), of the manager (`manager`)
+    /// or `systemctl is-system-running` (`system`), as the reporter saw
+    /// them at the end of a boot.
+    pub fn reported(&self, boot_id: &str, what: &str, key: &str) -> String {
+        let text =
+            std::fs::read_to_string(self.path(&format!("/var/lib/test-report/{boot_id}.{what}")))
+                .unwrap_or_default();
+        if key.is_empty() {
+            return text.trim().to_owned();
+        }
+        property(&text, key)
+    }
+
+    /// From the first boot's start (the container's PID 1, systemd's
+    /// `UserspaceTimestampMonotonic`) to the boot run's READY=1 (its
+    /// `ActiveEnterTimestampMonotonic`): boot to converged. Both on the
+    /// host's monotonic clock, which a container shares.
+    pub fn boot_to_converged(&self, boot_id: &str) -> Option<Duration> {
+        let us = |s: String| s.parse::<u64>().ok().filter(|v| *v > 0);
+        let start = us(self.reported(boot_id, "manager", "UserspaceTimestampMonotonic"))?;
+        let ready = us(self.show(boot_id, "ActiveEnterTimestampMonotonic"))?;
+        Some(Duration::from_micros(ready.checked_sub(start)?))
+    }
+
+    /// A unit wanted by multi-user.target that takes `secs` (a slow part
+    /// of the boot: multi-user.target, and so the boot run, waits for
+    /// it). It writes when it started and ended (Unix ms) to
+    /// `/var/lib/slow-boot.{start,done}`.
+    pub fn slow_boot(&self, secs: f64) {
+        self.write(
+            "/etc/systemd/system/slow-boot.service",
+            format!(
+                "[Unit]\nDescription=A slow part of the boot\n\n\
+                 [Service]\nType=oneshot\nRemainAfterExit=yes\n\
+                 ExecStart=/bin/sh -c 'date +%%s%%3N > /var/lib/slow-boot.start; sleep {secs}; date +%%s%%3N > /var/lib/slow-boot.done'\n\n\
+                 [Install]\nWantedBy=multi-user.target\n"
+            ),
+        );
+        self.enable("slow-boot.service", "multi-user.target");
+    }
+
+    /// When the slow unit started and ended (Unix ms).
+    pub fn slow_boot_times(&self) -> Option<(u64, u64)> {
+        let read = |f: &str| {
+            std::fs::read_to_string(self.path(f))
+                .ok()?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        };
+        Some((
+            read("/var/lib/slow-boot.start")?,
+            read("/var/lib/slow-boot.done")?,
+        ))
+    }
+
+    /// Without the boot's fetch (masked, as `fetchAtBoot = false` does):
+    /// the boot run downloads after the boot, as before.
+    pub fn mask_fetch(&self) {
+        let p = self.path(&format!("/etc/systemd/system/{FETCH_UNIT}"));
+        let _ = std::fs::remove_file(&p);
+        std::os::unix::fs::symlink("/dev/null", p).unwrap();
+    }
+
+    /// The calls of `fh` and `determinate-nixd` made in one unit.
+    pub fn call_lines_in(&self, unit: &str) -> Vec<String> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.unit.as_deref() == Some(unit))
+            .filter(|c| matches!(c.prog.as_str(), "fh" | "determinate-nixd"))
+            .map(|c| format!("{} {}", c.prog, c.argv.join(" ")))
+            .collect()
+    }
+
+    /// Every download the `nix` stand-in made.
+    pub fn downloads(&self) -> Vec<crate::standin::Download> {
+        crate::standin::downloads(&self.path(crate::standin::DEFAULT_DIR))
     }
 
     pub fn calls(&self) -> Vec<Call> {

@@ -396,6 +396,15 @@ impl Scenario {
     }
 
     /// Argv of every stand-in call, as `prog arg arg`.
+    /// `fh fetch REF LINK` as the agent runs it: the link (the fetched
+    /// closure's GC root) in the state directory.
+    pub fn fetch_line(&self, reference: &str) -> String {
+        format!(
+            "fh fetch {reference} {}",
+            self.path("state/fetched").display()
+        )
+    }
+
     pub fn call_lines(&self) -> Vec<String> {
         standin::call_lines(&self.path("standin"))
     }
@@ -420,6 +429,12 @@ impl Scenario {
     }
 
     /// Calls of the `nix` stand-in, as `nix arg arg`.
+    /// Every download the `nix` stand-in made (a store path that was not
+    /// valid yet).
+    pub fn downloads(&self) -> Vec<crate::standin::Download> {
+        crate::standin::downloads(&self.path("standin"))
+    }
+
     pub fn nix_call_lines(&self) -> Vec<String> {
         standin::nix_call_lines(&self.path("standin"))
     }

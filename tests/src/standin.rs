@@ -71,6 +71,18 @@ pub struct Behaviour {
     pub private: bool,
     pub apply: Mode,
     pub apply_fail_times: u32,
+    /// `fh fetch`: `fail` fails before anything is copied, `hang` hangs
+    /// (ignoring nothing; a stop ends it).
+    pub fetch: Mode,
+    pub fetch_fail_times: u32,
+    /// How long the `nix` stand-in takes to download a store path that is
+    /// not valid yet (`nix copy`, or `nix build` of a store path). A
+    /// download holds a lock on the path, as the Nix daemon does
+    /// (`PathLocks`): a second one waits for it, then finds the path valid.
+    pub download_ms: u64,
+    /// Store paths (their directory names) valid from the start, as the
+    /// booted system is; any other is downloaded once, then valid.
+    pub valid: Vec<String>,
     /// Output ref → store path `fh resolve` prints.
     pub store_paths: HashMap<String, PathBuf>,
     pub current_system: PathBuf,
@@ -113,6 +125,46 @@ pub struct Call {
     /// Names of the environment variables the program got.
     #[serde(default)]
     pub env: Vec<String>,
+    /// The systemd unit the program ran in (from its cgroup), if any.
+    #[serde(default)]
+    pub unit: Option<String>,
+}
+
+/// One download by the `nix` stand-in (`downloads.jsonl`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Download {
+    /// The store path's directory name.
+    pub path: String,
+    pub unit: Option<String>,
+    /// Unix time in milliseconds.
+    pub started_ms: u64,
+    pub finished_ms: u64,
+}
+
+/// Every download the `nix` stand-in made, in order of their ends.
+pub fn downloads(dir: &Path) -> Vec<Download> {
+    std::fs::read_to_string(dir.join("downloads.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("download line"))
+        .collect()
+}
+
+/// The unit this process runs in: the last `.service` in its cgroup path
+/// (cgroup v2: `0::/system.slice/x.service`).
+fn own_unit() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines()
+        .filter_map(|l| l.rsplit_once(':').map(|(_, p)| p))
+        .flat_map(|p| p.split('/'))
+        .rfind(|c| c.ends_with(".service"))
+        .map(str::to_owned)
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 pub fn read_behaviour(dir: &Path) -> Behaviour {
@@ -178,6 +230,7 @@ fn record(dir: &Path, prog: &str, argv: &[String]) {
         argv: argv.to_vec(),
         path: std::env::var("PATH").ok(),
         env,
+        unit: own_unit(),
     })
     .unwrap();
     let mut f = std::fs::OpenOptions::new()
@@ -317,36 +370,58 @@ pub fn fh_main() -> ! {
                 }
                 _ => {}
             }
-            let url = format!(
-                "https://api.flakehub.com/f/{}",
-                reference.replace('#', "/output/")
-            );
-            match b.flakehub {
-                Some(FlakeHub::Unauthorized) => {
-                    fh_error("access to this output reference is not authorized")
-                }
-                Some(FlakeHub::Forbidden) => {
-                    fh_error("http call returned error code 403 Forbidden")
-                }
-                Some(FlakeHub::Unreachable) => fh_error(&format!(
-                    "http error: error sending request for url ({url}): error trying to connect: dns error: failed to lookup address information"
-                )),
-                Some(FlakeHub::NoStorePath) => fh_error(
-                    "http error: error decoding response body: missing field `store_path` at line 1 column 47",
-                ),
-                None => {}
-            }
-            if b.private && !dir.join("token").exists() {
-                fh_error("access to this output reference is not authorized");
-            }
-            let Some(path) = b.store_paths.get(reference) else {
-                fh_error(&format!("output reference {reference} not found"));
-            };
+            let path = flakehub_resolve(&dir, &b, reference);
             let attr = reference.split_once('#').map_or("", |(_, a)| a);
             println!(
                 "{}",
                 serde_json::json!({"attribute_path": attr, "store_path": path})
             );
+            std::process::exit(0)
+        }
+        // What fh fetch does (DeterminateSystems/fh `src/cli/cmd/fetch.rs`):
+        // resolve with a scoped token, ask whether `nix copy` knows
+        // `--out-link` (by running it bare), then copy the closure from
+        // FlakeHub Cache with a GC root at LINK.
+        ["fetch", reference, link] => {
+            eprintln!("resolving {reference}");
+            std::fs::write(dir.join("pid-fetch"), std::process::id().to_string()).unwrap();
+            let path = flakehub_resolve(&dir, &b, reference);
+            if bump(&dir, "fetch") <= b.fetch_fail_times {
+                eprintln!("Error: \n   0: error sending request (stand-in: transient)");
+                std::process::exit(1);
+            }
+            match b.fetch {
+                Mode::Hang => hang(),
+                Mode::Fail => fh_error("Failed to copy resolved store path with Nix"),
+                _ => {}
+            }
+            eprintln!("Resolved {reference} to {}", path.display());
+            // `copy_supports_out_link` starts `nix` itself, without fh's
+            // presence check: no nix is "Could not run nix".
+            if !nix_starts() {
+                fh_error("Could not run nix");
+            }
+            let netrc = dir.join("fetch-netrc");
+            std::fs::write(
+                &netrc,
+                "machine cache.flakehub.com login flakehub password scoped\n",
+            )
+            .unwrap();
+            let store_path = path.display().to_string();
+            nix(&[
+                "copy",
+                "--option",
+                "narinfo-cache-negative-ttl",
+                "0",
+                "--from",
+                "https://cache.flakehub.com/",
+                &store_path,
+                "--out-link",
+                link,
+                "--netrc-file",
+                &netrc.display().to_string(),
+            ]);
+            eprintln!("Copied {store_path} to {link}");
             std::process::exit(0)
         }
         ["apply", "nixos", reference, action] => {
@@ -442,6 +517,35 @@ pub fn fh_main() -> ! {
     }
 }
 
+/// FlakeHub's answer to a resolve of `reference` (fh `FlakeHubClient::
+/// resolve`): the store path, or fh's error report and exit 1.
+fn flakehub_resolve(dir: &Path, b: &Behaviour, reference: &str) -> PathBuf {
+    let url = format!(
+        "https://api.flakehub.com/f/{}",
+        reference.replace('#', "/output/")
+    );
+    match b.flakehub {
+        Some(FlakeHub::Unauthorized) => {
+            fh_error("access to this output reference is not authorized")
+        }
+        Some(FlakeHub::Forbidden) => fh_error("http call returned error code 403 Forbidden"),
+        Some(FlakeHub::Unreachable) => fh_error(&format!(
+            "http error: error sending request for url ({url}): error trying to connect: dns error: failed to lookup address information"
+        )),
+        Some(FlakeHub::NoStorePath) => fh_error(
+            "http error: error decoding response body: missing field `store_path` at line 1 column 47",
+        ),
+        None => {}
+    }
+    if b.private && !dir.join("token").exists() {
+        fh_error("access to this output reference is not authorized");
+    }
+    match b.store_paths.get(reference) {
+        Some(path) => path.clone(),
+        None => fh_error(&format!("output reference {reference} not found")),
+    }
+}
+
 /// Runs `nix` from PATH as fh does; fh fails when a nix command fails.
 fn nix(args: &[&str]) {
     let ok = std::process::Command::new("nix")
@@ -488,8 +592,26 @@ pub fn nix_main() -> ! {
         .find(|a| matches!(**a, "build" | "copy" | "--set"))
         .copied();
     match sub {
-        Some("copy") => std::process::exit(0),
+        Some("copy") => {
+            // fh's `copy_supports_out_link` probe: a bare `nix copy
+            // --out-link` fails with a usage error (this Nix knows it).
+            if args == ["copy", "--out-link"] {
+                eprintln!("error: flag '--out-link' requires 1 argument(s)");
+                std::process::exit(1);
+            }
+            let Some(path) = copy_operand(&args) else {
+                eprintln!("nix stand-in: copy without a store path: {argv:?}");
+                std::process::exit(2);
+            };
+            let out_link = flag("--out-link");
+            substitute(&dir, &path);
+            if let Some(link) = out_link {
+                point(&link, &path);
+            }
+            std::process::exit(0)
+        }
         Some("build") => {
+            substitute(&dir, &store_path);
             if let Some(profile) = flag("--profile") {
                 point(&profile, &store_path);
             }
@@ -508,6 +630,80 @@ pub fn nix_main() -> ! {
             std::process::exit(2)
         }
     }
+}
+
+/// The store path `nix copy` is given: its one operand, after the global
+/// flags and past each option's values.
+fn copy_operand(args: &[&str]) -> Option<PathBuf> {
+    let mut rest = args.iter().skip_while(|a| **a != "copy").skip(1);
+    while let Some(a) = rest.next() {
+        let values = match *a {
+            "--option" => 2,
+            "--from" | "--to" | "--out-link" | "--netrc-file" => 1,
+            a if a.starts_with("--") => 0,
+            a => return Some(PathBuf::from(a)),
+        };
+        for _ in 0..values {
+            rest.next();
+        }
+    }
+    None
+}
+
+/// Makes `path` valid, as the Nix daemon substitutes a path: under a lock
+/// on the path, so that a second download of it waits for the first and
+/// then finds it valid; a path already valid is not downloaded again. A
+/// download takes `download_ms` and is recorded in `downloads.jsonl`.
+fn substitute(dir: &Path, path: &Path) {
+    use std::os::fd::AsRawFd;
+    let b = read_behaviour(dir);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !path.is_dir() {
+        eprintln!(
+            "error: path '{}' is required, but there is no substituter that can build it",
+            path.display()
+        );
+        std::process::exit(1);
+    }
+    let valid = |_: ()| b.valid.contains(&name) || dir.join("valid").join(&name).exists();
+    if valid(()) {
+        return;
+    }
+    std::fs::create_dir_all(dir.join("locks")).unwrap();
+    let lock = std::fs::File::create(dir.join("locks").join(&name)).unwrap();
+    // SAFETY: flock on a file this process owns; released on exit.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        eprintln!("error: cannot lock {}", path.display());
+        std::process::exit(1);
+    }
+    if valid(()) {
+        return;
+    }
+    let started_ms = unix_ms();
+    eprintln!(
+        "copying path '{}' from 'https://cache.flakehub.com'...",
+        path.display()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(b.download_ms));
+    std::fs::create_dir_all(dir.join("valid")).unwrap();
+    std::fs::write(dir.join("valid").join(&name), "").unwrap();
+    let line = serde_json::to_string(&Download {
+        path: name,
+        unit: own_unit(),
+        started_ms,
+        finished_ms: unix_ms(),
+    })
+    .unwrap();
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("downloads.jsonl"))
+        .unwrap();
+    writeln!(f, "{line}").unwrap();
 }
 
 /// The `switch-to-configuration` stand-in, linked as

@@ -5,17 +5,20 @@
 //! says loudly when it does not.
 
 use nixos_ami_agent_tests::container::{
-    Container, INSTANCE_ID, REF, REF_BROKEN, REF_BROKEN_AFTER_REBOOT, REF_NEW_KERNEL, REF_NEXT,
-    unavailable,
+    BOOT_UNIT, Container, FETCH_UNIT, INSTANCE_ID, REF, REF_BROKEN, REF_BROKEN_AFTER_REBOOT,
+    REF_NEW_KERNEL, REF_NEXT, unavailable,
 };
 use nixos_ami_agent_tests::harness::toml_user_data;
 use nixos_ami_agent_tests::imds::TOKEN_PREFIX;
+use nixos_ami_agent_tests::standin::Mode;
 use std::time::Duration;
 
 const APPLIED: &str = "3f88d658b85143fcbb03f62a0a791e73";
 const NOTHING_TO_DO: &str = "9e9b458c8dc141e9a75f3eb338906dc8";
 const FAILED: &str = "07dbe6e6e7384bc8a3aedd0784ddc7c8";
 const ROLLED_BACK: &str = "71e23dba107e468494c831ed1fa05bbc";
+const PHASES: &str = "d83fcfe263434edda3992e11922913c2";
+const FETCHED: &str = "0aa4216b344d48ac89b65ded8963555c";
 const FAKE_STORE: &str = "/var/lib/fake-nixos/store";
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -42,17 +45,39 @@ fn first_boot_applies_then_second_boot_finds_nothing_to_do() {
         return;
     }
     let mut c = Container::new(Some(&toml_user_data(&format!("flake = \"{REF}\""))));
+    // The boot takes longer than the download: the boot's fetch has the
+    // closure in the store before the boot run starts.
+    c.behaviour.download_ms = 500;
+    c.slow_boot(3.0);
     let code = c.boot(LIMIT, |_| {});
     assert_eq!(code, 0, "{}", c.console());
     assert_eq!(
-        c.call_lines(),
+        c.call_lines_in(FETCH_UNIT),
+        [
+            "determinate-nixd login aws".to_owned(),
+            format!("fh resolve --json {REF}"),
+            format!("fh fetch {REF} /var/lib/nixos-ami-agent/fetched"),
+        ],
+        "{}",
+        c.journal_text()
+    );
+    assert_eq!(
+        c.call_lines_in(BOOT_UNIT),
         [
             "determinate-nixd login aws".to_owned(),
             format!("fh resolve --json {REF}"),
             format!("fh apply nixos {REF} switch"),
         ],
-        "{}",
+        "the boot run found the closure fetched and only switched:\n{}",
         c.journal_text()
+    );
+    let downloads = c.downloads();
+    assert_eq!(downloads.len(), 1, "{downloads:?}");
+    assert_eq!(downloads[0].path, "new-system");
+    assert_eq!(downloads[0].unit.as_deref(), Some(FETCH_UNIT));
+    assert!(
+        !c.path("/var/lib/nixos-ami-agent/fetched").exists(),
+        "the GC root is dropped once the system profile holds the closure"
     );
     let boots = c.boot_ids();
     assert_eq!(boots.len(), 1);
@@ -90,9 +115,64 @@ fn first_boot_applies_then_second_boot_finds_nothing_to_do() {
         c.report(&boots[0]).0
     );
 
+    // Where the first boot's time went, in the journal and in `status`.
+    let phases: Vec<_> = events(&journal, PHASES)
+        .into_iter()
+        .map(|e| (field(e, "_SYSTEMD_UNIT"), field(e, "PHASES_MS")))
+        .collect();
+    assert_eq!(phases.len(), 2, "{phases:?}");
+    let run_phases = phases
+        .iter()
+        .find(|(u, _)| *u == BOOT_UNIT)
+        .map(|(_, p)| *p)
+        .unwrap();
+    let names: Vec<&str> = run_phases
+        .split(' ')
+        .map(|p| p.split('=').next().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "boot", "metadata", "login", "resolve", "fetch", "switch", "verify", "health"
+        ],
+        "{run_phases}"
+    );
+    let state = c.state();
+    assert!(
+        state["last-run"]["after-boot-ms"].as_u64().unwrap() > 3000,
+        "converged after the 3 s boot: {state}"
+    );
+    let fetch_note = state["last-run"]["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["phase"] == "fetch")
+        .and_then(|p| p["note"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(fetch_note.starts_with("fetched at boot in "), "{state}");
+    assert_eq!(c.reported(&boots[0], "fetch", "Result"), "success");
+    assert_eq!(c.reported(&boots[0], "fetch", "ExecMainStatus"), "0");
+    println!(
+        "boot to converged: {:?}; phases: {run_phases}",
+        c.boot_to_converged(&boots[0])
+    );
+
     // Second boot of the same instance.
     let code = c.boot(LIMIT, |_| {});
     assert_eq!(code, 0, "{}", c.console());
+    let fetched: Vec<_> = events(&c.journal(), FETCHED)
+        .into_iter()
+        .map(|e| {
+            (
+                field(e, "OUTCOME").to_owned(),
+                field(e, "MESSAGE").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(fetched.len(), 2, "{fetched:?}");
+    assert_eq!(fetched[1].0, "nothing", "{fetched:?}");
+    assert_eq!(c.downloads().len(), 1, "nothing downloaded again");
     assert_eq!(
         c.call_lines()
             .iter()
@@ -378,6 +458,12 @@ fn a_switch_by_someone_else_starts_no_second_run() {
         "the boot run stays active (exited): {after}"
     );
     assert!(after.contains("run-exit=0"), "{after}");
+    assert_eq!(
+        events(&journal, FETCHED).len(),
+        1,
+        "the switch started no second fetch either:\n{}",
+        c.journal_text()
+    );
 }
 
 fn applies(c: &Container) -> usize {
@@ -540,5 +626,219 @@ fn unhealthy_after_the_reboot_goes_back_with_one_more() {
             .unwrap()
             .contains("driver.service"),
         "{state}"
+    );
+}
+
+/// How one first boot went: the download (by which unit, when), the slow
+/// unit multi-user.target waited for, and boot to converged.
+fn first_boot_timeline(c: &Container) -> (nixos_ami_agent_tests::standin::Download, (u64, u64)) {
+    let downloads = c.downloads();
+    let new: Vec<_> = downloads
+        .iter()
+        .filter(|d| d.path == "new-system")
+        .cloned()
+        .collect();
+    assert_eq!(new.len(), 1, "downloaded once: {downloads:?}");
+    let slow = c.slow_boot_times().expect("the slow unit ran");
+    (new[0].clone(), slow)
+}
+
+/// The download starts as soon as the network is online, while the boot
+/// goes on: the boot's fetch downloads during the slow unit, and the boot
+/// run, after multi-user.target, only switches. Boot to converged is
+/// about max(D, B) + switch (BENCHMARKS.md measures it).
+#[test]
+#[ignore = "boots containers: needs root and systemd-nspawn (scripts/test runs it)"]
+fn the_download_overlaps_the_rest_of_the_boot() {
+    if skip() {
+        return;
+    }
+    let mut c = Container::new(Some(&toml_user_data(&format!("flake = \"{REF}\""))));
+    c.behaviour.download_ms = 3000;
+    c.slow_boot(4.0);
+    assert_eq!(c.boot(LIMIT, |_| {}), 0, "{}", c.console());
+    let boot = &c.boot_ids()[0];
+    assert_eq!(c.show(boot, "Result"), "success", "{}", c.journal_text());
+    let (download, (slow_start, slow_done)) = first_boot_timeline(&c);
+    assert_eq!(download.unit.as_deref(), Some(FETCH_UNIT));
+    assert!(
+        download.started_ms < slow_done && download.finished_ms > slow_start,
+        "the download ({}..{}) overlaps the slow unit ({slow_start}..{slow_done})",
+        download.started_ms,
+        download.finished_ms
+    );
+    assert!(
+        !c.call_lines_in(BOOT_UNIT)
+            .iter()
+            .any(|l| l.starts_with("fh fetch")),
+        "{:?}",
+        c.call_lines_in(BOOT_UNIT)
+    );
+    assert_eq!(
+        running_system(&c, "current-system"),
+        format!("{FAKE_STORE}/new-system")
+    );
+    println!(
+        "overlapped, D 3 s, B 4 s: boot to converged {:?}",
+        c.boot_to_converged(boot)
+    );
+}
+
+/// The same boot without the fetch unit (masked): the boot run downloads
+/// after multi-user.target, so D + B + switch. What the overlap saves.
+#[test]
+#[ignore = "boots containers: needs root and systemd-nspawn (scripts/test runs it)"]
+fn without_the_fetch_unit_the_download_waits_for_the_boot() {
+    if skip() {
+        return;
+    }
+    let mut c = Container::new(Some(&toml_user_data(&format!("flake = \"{REF}\""))));
+    c.behaviour.download_ms = 3000;
+    c.slow_boot(4.0);
+    c.mask_fetch();
+    assert_eq!(c.boot(LIMIT, |_| {}), 0, "{}", c.console());
+    let boot = &c.boot_ids()[0];
+    assert_eq!(c.show(boot, "Result"), "success", "{}", c.journal_text());
+    let (download, (_, slow_done)) = first_boot_timeline(&c);
+    assert_eq!(download.unit.as_deref(), Some(BOOT_UNIT));
+    assert!(download.started_ms >= slow_done);
+    // The run's own fetch, then the switch: fh apply found it there.
+    assert_eq!(
+        c.call_lines_in(BOOT_UNIT),
+        [
+            "determinate-nixd login aws".to_owned(),
+            format!("fh resolve --json {REF}"),
+            format!("fh fetch {REF} /var/lib/nixos-ami-agent/fetched"),
+            format!("fh apply nixos {REF} switch"),
+        ]
+    );
+    println!(
+        "sequential, D 3 s, B 4 s: boot to converged {:?}",
+        c.boot_to_converged(boot)
+    );
+}
+
+/// A fetch that fails (FlakeHub Cache refusing, say) breaks nothing: the
+/// fetch unit is not failed, the system is not degraded, and the boot run
+/// fetches and switches.
+#[test]
+#[ignore = "boots containers: needs root and systemd-nspawn (scripts/test runs it)"]
+fn a_failing_fetch_still_converges() {
+    if skip() {
+        return;
+    }
+    let mut c = Container::new(Some(&toml_user_data(&format!("flake = \"{REF}\""))));
+    c.behaviour.fetch = Mode::Fail;
+    c.behaviour.download_ms = 500;
+    c.slow_boot(2.0);
+    assert_eq!(c.boot(LIMIT, |_| {}), 0, "{}", c.console());
+    let boot = &c.boot_ids()[0];
+    assert_eq!(c.show(boot, "Result"), "success", "{}", c.journal_text());
+    assert_eq!(
+        events(&c.journal(), APPLIED).len(),
+        1,
+        "{}",
+        c.journal_text()
+    );
+    assert_eq!(
+        running_system(&c, "current-system"),
+        format!("{FAKE_STORE}/new-system")
+    );
+    // Recorded, not failed: ExecStart=- in the unit.
+    assert_eq!(c.reported(boot, "fetch", "ExecMainStatus"), "1");
+    assert_eq!(c.reported(boot, "fetch", "Result"), "success");
+    assert_eq!(c.reported(boot, "fetch", "ActiveState"), "active");
+    assert_eq!(c.reported(boot, "system", ""), "running");
+    let fetched: Vec<_> = events(&c.journal(), FETCHED)
+        .into_iter()
+        .map(|e| field(e, "OUTCOME").to_owned())
+        .collect();
+    assert_eq!(fetched, ["failed"]);
+    // fh apply downloaded it, after the run's own fetch failed too.
+    let (download, _) = first_boot_timeline(&c);
+    assert_eq!(download.unit.as_deref(), Some(BOOT_UNIT));
+    assert!(
+        c.journal_text()
+            .contains("fh apply fetches what is missing"),
+        "{}",
+        c.journal_text()
+    );
+}
+
+/// The fleet's parameter changes while the boot's fetch downloads the old
+/// target: the boot run resolves again and switches to the new one; what
+/// was fetched for the old one is not switched to, and its GC root goes.
+#[test]
+#[ignore = "boots containers: needs root and systemd-nspawn (scripts/test runs it)"]
+fn a_target_that_changed_during_the_fetch_is_not_switched_to() {
+    if skip() {
+        return;
+    }
+    let mut c = Container::new(Some(&toml_user_data("ssm-parameter = \"/fleets/web\"")));
+    c.set_parameter("/fleets/web", REF, 1);
+    c.behaviour.download_ms = 2000;
+    // The boot goes on until the parameter has changed (or 60 s).
+    c.write(
+        "/etc/systemd/system/slow-boot.service",
+        "[Unit]\nDescription=A boot that waits for the test\n\n\
+         [Service]\nType=oneshot\nRemainAfterExit=yes\n\
+         ExecStart=/bin/sh -c 'for i in $(seq 600); do [ -e /var/lib/test-go ] && break; sleep 0.1; done'\n\n\
+         [Install]\nWantedBy=multi-user.target\n",
+    );
+    let wants = c.path("/etc/systemd/system/multi-user.target.wants");
+    std::os::unix::fs::symlink(
+        "/etc/systemd/system/slow-boot.service",
+        wants.join("slow-boot.service"),
+    )
+    .unwrap();
+    let mut changed = false;
+    let code = c.boot(LIMIT, |c| {
+        if !changed
+            && c.calls()
+                .iter()
+                .any(|x| x.prog == "fh" && x.argv.first().map(String::as_str) == Some("fetch"))
+        {
+            c.set_parameter("/fleets/web", REF_NEXT, 2);
+            c.write("/var/lib/test-go", "");
+            changed = true;
+        }
+    });
+    assert_eq!(code, 0, "{}", c.console());
+    assert!(
+        changed,
+        "the boot's fetch never started:\n{}",
+        c.journal_text()
+    );
+    let boot = &c.boot_ids()[0];
+    assert_eq!(c.show(boot, "Result"), "success", "{}", c.journal_text());
+    assert_eq!(
+        c.call_lines_in(FETCH_UNIT).last().map(String::as_str),
+        Some(format!("fh fetch {REF} /var/lib/nixos-ami-agent/fetched").as_str())
+    );
+    let switched: Vec<_> = c
+        .calls()
+        .into_iter()
+        .filter(|x| x.prog == "switch-to-configuration")
+        .map(|x| x.argv.join(" "))
+        .collect();
+    assert_eq!(
+        switched,
+        ["old-system test", "next-system switch"],
+        "{}",
+        c.journal_text()
+    );
+    assert_eq!(
+        running_system(&c, "current-system"),
+        format!("{FAKE_STORE}/next-system")
+    );
+    let state = c.state();
+    assert_eq!(state["last-applied"]["target"]["ssm-version"], 2);
+    assert_eq!(
+        state["last-applied"]["store-path"],
+        format!("{FAKE_STORE}/next-system")
+    );
+    assert!(
+        !c.path("/var/lib/nixos-ami-agent/fetched").exists(),
+        "no GC root is left for either closure"
     );
 }

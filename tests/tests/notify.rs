@@ -42,6 +42,7 @@ fn status_at_each_step_then_ready() {
             "STATUS=fetching user data".to_owned(),
             "STATUS=logging in to FlakeHub".to_owned(),
             format!("STATUS=resolving {REF}"),
+            format!("STATUS=fetching {REF}"),
             format!("STATUS=applying {REF}"),
             format!("STATUS=checking the health of {REF}"),
             "STATUS=running user-data script part 2".to_owned(),

@@ -59,6 +59,7 @@ fn login_false_skips_login() {
         s.call_lines(),
         [
             format!("fh resolve --json {REF}"),
+            s.fetch_line(REF),
             format!("fh apply nixos {REF} switch")
         ]
     );

@@ -9,6 +9,7 @@ fn applied_once(s: &Scenario, action: &str) {
         [
             "determinate-nixd login aws".to_owned(),
             format!("fh resolve --json {REF}"),
+            s.fetch_line(REF),
             format!("fh apply nixos {REF} {action}"),
         ]
     );
@@ -86,6 +87,7 @@ fn json_user_data_from_terraform_jsonencode() {
         s.call_lines(),
         [
             format!("fh resolve --json {REF}"),
+            s.fetch_line(REF),
             format!("fh apply nixos {REF} test")
         ]
     );

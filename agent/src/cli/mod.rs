@@ -87,6 +87,19 @@ pub enum Command {
     /// Converge this instance: what the systemd unit runs at boot and on
     /// each timer tick.
     Run,
+    /// Download the target's closure without switching: what
+    /// nixos-ami-agent-fetch.service runs at boot, as soon as the network
+    /// is online, while the rest of the boot goes on.
+    ///
+    /// Reads user data and the SSM parameter, logs in to FlakeHub and
+    /// resolves the target as `run` does, then, if the target is not what
+    /// the system already runs (nor rolled back), runs `fh fetch REF LINK`:
+    /// the closure comes from FlakeHub Cache and is kept from the garbage
+    /// collector by a link in the state directory until a run switches to
+    /// it. Changes nothing else: no switch, no state, no scripts. The run
+    /// that follows finds the closure there and only switches; if this
+    /// fetch failed, the run fetches what is missing itself.
+    Fetch,
     /// Show what `run` would do: target, its source, action, reboot
     /// policy, scripts. Reads IMDS and SSM, but does not log in, resolve,
     /// or change anything.
@@ -156,6 +169,28 @@ impl Cli {
                         r.map(|_: crate::run::Report| ())
                     }
                 };
+                return r.err().map_or(exit::OK, |e| e.exit_code());
+            }
+            Command::Fetch => {
+                if let Err(e) = crate::stop::install() {
+                    tracing::warn!("cannot handle SIGTERM/SIGINT/SIGHUP: {e}");
+                }
+                let r = match config() {
+                    Ok(c) => {
+                        tokio::select! {
+                            r = crate::fetch::fetch(&c, &env) => r.map(|_| ()),
+                            () = wind_down_limit() => {
+                                tracing::error!("the fetch did not wind down within {}s of the stop; its programs were killed", WIND_DOWN.as_secs());
+                                return exit::TEMPFAIL;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(exit_code = e.exit_code(), "fetch failed: {e}");
+                        Err(e)
+                    }
+                };
+                // The fetch logged its own outcome.
                 return r.err().map_or(exit::OK, |e| e.exit_code());
             }
             // Prints every result itself, once.

@@ -6,6 +6,7 @@
 use crate::config::Config;
 use crate::exit::{self, Failure};
 use crate::history::{self, Entry};
+use crate::phases::{Phases, human};
 use crate::safe_dir::SafeDir;
 use crate::state::{HealthState, Outcome, RunRecord, Store};
 use clap::Args;
@@ -108,6 +109,10 @@ impl StatusArgs {
         let store = Store::at(&config.agent.state_dir);
         let state = store.read()?;
         let runs = runs(config);
+        let fetch = SafeDir::existing(&config.agent.state_dir)
+            .ok()
+            .flatten()
+            .and_then(|d| crate::fetch::read(&d));
         if self.json {
             let mut v = serde_json::to_value(&state).expect("state serialises");
             if !runs.is_empty() {
@@ -126,6 +131,14 @@ impl StatusArgs {
                     "runs".into(),
                     serde_json::to_value(&runs).expect("serialises"),
                 );
+            }
+            if let Some(f) = &fetch {
+                if !v.is_object() {
+                    v = serde_json::Value::Object(Default::default());
+                }
+                v.as_object_mut()
+                    .expect("an object")
+                    .insert("fetch".into(), serde_json::to_value(f).expect("serialises"));
             }
             println!("{}", serde_json::to_string_pretty(&v).expect("serialises"));
             return Ok(());
@@ -167,6 +180,9 @@ impl StatusArgs {
             println!(
                 "              (not applied again; `nixos-ami-agent forget-rejected` allows them)"
             );
+        }
+        if let Some(f) = &fetch {
+            print_fetch(f);
         }
         if state.scripts.is_empty() {
             println!("scripts:      none ran on this instance");
@@ -246,5 +262,33 @@ fn print_run(title: &str, r: &RunRecord) {
     }
     if let Some(m) = &r.message {
         println!("  message:    {m}");
+    }
+    let phases = Phases::from_records(&r.phases);
+    if !phases.is_empty() {
+        println!("  phases:     {}", phases.summary());
+    }
+    if let Some(ms) = r.after_boot_ms {
+        println!(
+            "  after boot: finished {} after the machine booted",
+            human(Duration::from_millis(ms))
+        );
+    }
+}
+
+/// The boot's fetch (`nixos-ami-agent-fetch.service`), as it recorded it.
+fn print_fetch(f: &crate::fetch::Record) {
+    let when = match f.after_boot_ms {
+        Some(ms) => format!(
+            "{} ({} after the boot)",
+            f.finished,
+            human(Duration::from_millis(ms))
+        ),
+        None => f.finished.clone(),
+    };
+    println!("last fetch:   {} at {when}", f.outcome.as_str());
+    println!("  message:    {}", f.message);
+    let phases = Phases::from_records(&f.phases);
+    if !phases.is_empty() {
+        println!("  phases:     {}", phases.summary());
     }
 }

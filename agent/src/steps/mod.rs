@@ -1,8 +1,9 @@
 //! The programs a run drives, one file each: `determinate-nixd login aws`,
-//! `fh resolve --json`, `fh apply nixos`, the rollback, and user-data scripts. All go
+//! `fh resolve --json`, `fh fetch`, `fh apply nixos`, the rollback, and user-data scripts. All go
 //! through [`crate::process`]; the retrying ones through [`crate::retry`].
 
 pub mod apply;
+pub mod fetch;
 pub mod login;
 pub mod resolve;
 pub mod rollback;
