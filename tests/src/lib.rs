@@ -18,6 +18,7 @@ pub mod aws_double;
 pub mod container;
 pub mod dbus;
 pub mod ebs;
+pub mod first_boot;
 pub mod harness;
 pub mod imds;
 pub mod moto;
