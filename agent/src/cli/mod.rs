@@ -99,6 +99,12 @@ pub enum Command {
     /// it. Changes nothing else: no switch, no state, no scripts. The run
     /// that follows finds the closure there and only switches; if this
     /// fetch failed, the run fetches what is missing itself.
+    ///
+    /// Exit status: 0 when the closure is here or there is nothing to
+    /// fetch; otherwise as `run` (65 bad user data or parameter value, 69
+    /// unavailable, 75 temporary, 1 `fh fetch` failed). The unit records
+    /// it and goes on (`ExecStart=-`). `nixos-ami-agent status` shows the
+    /// last fetch and its phases.
     Fetch,
     /// Show what `run` would do: target, its source, action, reboot
     /// policy, scripts. Reads IMDS and SSM, but does not log in, resolve,
