@@ -54,8 +54,10 @@ fn write(dir: &SafeDir, runs: &[Entry]) -> std::io::Result<()> {
 }
 
 /// Records a run as started; best effort (a history that cannot be
-/// written must not stop the run).
-pub fn start(dir: &SafeDir, boot_id: Option<String>) -> Entry {
+/// written must not stop the run). Also says whether it is the first run
+/// of its boot (no entry before it carries the boot's ID), read from the
+/// same read of the file.
+pub fn start(dir: &SafeDir, boot_id: Option<String>) -> (Entry, bool) {
     let entry = Entry {
         started: crate::state::now(),
         finished: None,
@@ -73,13 +75,15 @@ pub fn start(dir: &SafeDir, boot_id: Option<String>) -> Entry {
         ),
     };
     let mut runs = read(dir);
+    let first_of_boot =
+        entry.boot_id.is_some() && !runs.iter().any(|e| e.boot_id == entry.boot_id);
     runs.push(entry.clone());
     let over = runs.len().saturating_sub(KEEP);
     runs.drain(..over);
     if let Err(e) = write(dir, &runs) {
         tracing::warn!("the run history cannot be written: {e}");
     }
-    entry
+    (entry, first_of_boot)
 }
 
 /// Records how the run `entry` ended.

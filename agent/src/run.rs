@@ -309,20 +309,15 @@ async fn run_inner(
     let (imds, endpoint) = imds(config, env)?;
     let store = Store::open(&agent.state_dir)?;
     let _lock = store.lock(agent.lock_wait).await?;
-    let boot = system::boot_id(&agent.boot_id);
-    // The first run of a boot (none in the history carries this boot's
-    // ID) reports how long the boot took to get to it.
-    let first_of_boot = boot.is_some()
-        && !crate::history::read(store.safe_dir())
-            .iter()
-            .any(|e| e.boot_id == boot);
+    // Every run that got this far is in the history, however it ends:
+    // also one that never learns which instance it is on.
+    let (entry, first_of_boot) =
+        crate::history::start(store.safe_dir(), system::boot_id(&agent.boot_id));
+    // The first run of a boot reports how long the boot took to get to it.
     let clock = Clock::new();
     if first_of_boot && let Some(d) = crate::timing::since_boot() {
         clock.add(Phase::Boot, d);
     }
-    // Every run that got this far is in the history, however it ends:
-    // also one that never learns which instance it is on.
-    let entry = crate::history::start(store.safe_dir(), boot);
     // The start of the record this run saved, once it saved one.
     let mut recorded = None;
     let ctx = Context {
