@@ -98,7 +98,8 @@ impl Failure {
             | Failure::Step(
                 StepError::Exhausted { .. }
                 | StepError::TimedOut { .. }
-                | StepError::Interrupted { .. },
+                | StepError::Interrupted { .. }
+                | StepError::Moved { .. },
             )
             | Failure::State(StateError::Locked { .. } | StateError::Interrupted { .. })
             | Failure::Interrupted(_)

@@ -267,7 +267,7 @@ async fn fetch_inner(
             ),
         });
     }
-    let link = link_path(store);
+    let (link, _) = links(store);
     if fetch::fetched(&link).as_deref() == Some(target.as_path()) {
         return Ok(Report {
             outcome: Outcome::Fetched,
@@ -325,7 +325,10 @@ async fn fetch_inner(
     })
 }
 
-/// Where the fetched closure's link (its GC root) lives.
-pub fn link_path(store: &Store) -> std::path::PathBuf {
-    store.safe_dir().path().join(fetch::LINK)
+/// The links (GC roots) of fetched closures in the state directory: the
+/// boot's fetch's, and the runs'. Two, so that the fetch, which takes no
+/// lock, never replaces the link of a run that holds it.
+pub fn links(store: &Store) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = store.safe_dir().path();
+    (dir.join(fetch::BOOT_LINK), dir.join(fetch::LINK))
 }

@@ -47,11 +47,13 @@ async fn manager(deadline: Instant) -> Result<Result<zbus::Connection, String>, 
 /// running configuration (load state `not-found`): systemd keeps a unit
 /// that failed in memory, failed, after a switch removed it, and a unit
 /// the running system does not have is not its failure (after a
-/// rollback, the rejected target's units are such).
+/// rollback, the rejected target's units are such). Nor the agent's own
+/// units: the boot's fetch may fail or time out while a run judges a
+/// switch, and that says nothing about the target.
 fn names(units: Vec<systemd::UnitStatus>) -> BTreeSet<String> {
     units
         .into_iter()
-        .filter(|u| u.2 != "not-found")
+        .filter(|u| u.2 != "not-found" && !AGENT_UNITS.contains(&u.0.as_str()))
         .map(|u| u.0)
         .collect()
 }

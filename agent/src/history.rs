@@ -75,8 +75,7 @@ pub fn start(dir: &SafeDir, boot_id: Option<String>) -> (Entry, bool) {
         ),
     };
     let mut runs = read(dir);
-    let first_of_boot =
-        entry.boot_id.is_some() && !runs.iter().any(|e| e.boot_id == entry.boot_id);
+    let first_of_boot = entry.boot_id.is_some() && !runs.iter().any(|e| e.boot_id == entry.boot_id);
     runs.push(entry.clone());
     let over = runs.len().saturating_sub(KEEP);
     runs.drain(..over);

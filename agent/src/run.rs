@@ -209,6 +209,10 @@ pub async fn resolve_target(
     })
 }
 
+/// The least an apply is given after a long fetch (or all of
+/// `apply-timeout`, if that is less).
+const MIN_APPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// What every step of one run shares.
 struct Context<'a> {
     config: &'a Config,
@@ -220,6 +224,8 @@ struct Context<'a> {
     clock: &'a Clock,
     /// The first run of this boot: its phases start with the boot.
     first_of_boot: bool,
+    /// The store path the target resolved to, once it is known.
+    resolved: std::sync::Mutex<Option<PathBuf>>,
 }
 
 /// One run, in a span whose fields (`INSTANCE_ID`, `FLAKE_REF`,
@@ -328,6 +334,7 @@ async fn run_inner(
         store: &store,
         clock: &clock,
         first_of_boot,
+        resolved: Default::default(),
     };
     let result = run_locked(&ctx, &mut recorded).await;
     crate::timing::report(
@@ -347,6 +354,12 @@ async fn run_inner(
         Err(e) => ("failed", e.exit_code(), e.to_string()),
     };
     crate::history::finish(store.safe_dir(), &entry, outcome, code, &message);
+    let resolved = ctx
+        .resolved
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    release_fetched(&store, resolved.as_deref(), agent);
     if let Some(started) = recorded {
         *pending = Some(crate::compliance::Pending {
             imds,
@@ -731,19 +744,13 @@ async fn converge(
     // What changes the running system is judged now (and, if it needs a
     // reboot, again after it); `boot` is judged after the reboot.
     let mut before_apply = None;
-    let link = crate::fetch::link_path(store);
-    if fetch::fetched(&link).is_some_and(|p| p != target) {
-        // Fetched for a target that is no longer wanted: its closure may
-        // go to the collector.
-        fetch::release(&link);
-    }
+    *ctx.resolved.lock().unwrap_or_else(|e| e.into_inner()) = Some(target.clone());
     let (outcome, mut message) = match plan::decide(action, &target, &system::view(agent)) {
-        Decision::UpToDate { reason } => {
-            fetch::release(&link);
-            (Outcome::Unchanged, format!("nothing to do: {reason}"))
-        }
+        Decision::UpToDate { reason } => (Outcome::Unchanged, format!("nothing to do: {reason}")),
         Decision::Apply => {
             if let Some(rej) = state.rejection(&target.to_string_lossy()) {
+                // Nothing of it is kept for a next run.
+                *ctx.resolved.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 return Err(Failure::Rejected(format!(
                     "not applying {shown}: its store path {} was rolled back at {} ({}); \
                      name another target, or run `nixos-ami-agent forget-rejected {}` to allow it again",
@@ -755,7 +762,14 @@ async fn converge(
             }
             // The download first, then the switch: the time the system
             // spends between the old closure and the new is the switch.
-            fetch_closure(ctx, &r.redactor, &flake, &shown, &target, &link).await?;
+            let fetch_started = std::time::Instant::now();
+            fetch_closure(ctx, &r.redactor, &flake, &shown, &target).await?;
+            // One budget for the download and the switch; a switch is
+            // never given less than a few minutes.
+            let apply_timeout = agent
+                .apply_timeout
+                .saturating_sub(fetch_started.elapsed())
+                .max(MIN_APPLY_TIMEOUT.min(agent.apply_timeout));
             let before = ctx
                 .clock
                 .time(Phase::Health, gate::before_switch(agent))
@@ -783,15 +797,13 @@ async fn converge(
             ctx.clock
                 .time(
                     Phase::Switch,
-                    apply::apply(agent, &r.redactor, &flake, action),
+                    apply::apply(agent, &r.redactor, &flake, action, apply_timeout),
                 )
                 .await?;
             let verify_started = std::time::Instant::now();
             let verified = plan::verify(action, &target, &system::view(agent));
             ctx.clock.add(Phase::Verify, verify_started.elapsed());
             verified.map_err(Failure::NotSwitched)?;
-            // The system profile roots it now.
-            fetch::release(&link);
             (
                 Outcome::Applied,
                 format!(
@@ -899,23 +911,24 @@ async fn converge(
 /// The fetch phase of a run that applies: nothing when the boot's fetch
 /// (or an earlier run) already fetched this very store path, else `fh
 /// fetch`. A fetch that fails is only a warning: `fh apply` fetches what
-/// is missing, as it always did. Only a stop ends the run here.
+/// is missing, as it always did. A stop ends the run here, and so does a
+/// target that resolved to another store path during the fetch: `fh
+/// apply` would resolve again and switch to a path this run neither
+/// decided on nor checked against the rejected ones.
 async fn fetch_closure(
     ctx: &Context<'_>,
     redactor: &Redactor,
     flake: &OutputRef,
     shown: &str,
     target: &std::path::Path,
-    link: &std::path::Path,
 ) -> Result<(), Failure> {
     let clock = ctx.clock;
-    if fetch::fetched(link).as_deref() == Some(target) {
-        let at_boot = crate::fetch::read(ctx.store.safe_dir())
-            .filter(|f| f.store_path.as_deref() == Some(&*target.to_string_lossy()))
-            .filter(|f| {
-                f.boot_id.is_some() && f.boot_id == system::boot_id(&ctx.config.agent.boot_id)
-            });
-        let note = match at_boot.as_ref().and_then(|f| f.fetch_time()) {
+    let (boot_link, link) = crate::fetch::links(ctx.store);
+    let at_boot = fetch::fetched(&boot_link).as_deref() == Some(target);
+    if at_boot || fetch::fetched(&link).as_deref() == Some(target) {
+        let record = crate::fetch::read(ctx.store.safe_dir())
+            .filter(|f| at_boot && f.store_path.as_deref() == Some(&*target.to_string_lossy()));
+        let note = match record.as_ref().and_then(|f| f.fetch_time()) {
             Some(d) => format!("fetched at boot in {}", crate::phases::human(d)),
             None => "already fetched".to_owned(),
         };
@@ -937,20 +950,26 @@ async fn fetch_closure(
     let got = clock
         .time(
             Phase::Fetch,
-            fetch::fetch(&ctx.config.agent, redactor, flake, link),
+            fetch::fetch(&ctx.config.agent, redactor, flake, &link),
         )
         .await;
     match got {
         Ok(p) if p == target => {
             tracing::info!(step = fetch::STEP, "fetched {shown} ({})", target.display());
         }
-        Ok(p) => tracing::warn!(
-            step = fetch::STEP,
-            "fh fetch fetched {} for {shown}, not {} (the target changed since it was resolved); \
-             fh apply fetches what is missing",
-            p.display(),
-            target.display()
-        ),
+        Ok(p) => {
+            return Err(crate::steps::StepError::Moved {
+                step: fetch::STEP,
+                reason: format!(
+                    "{shown} resolved to {} but to {} a moment later, while it was being \
+                     fetched (a new release, or a changed parameter); not applied: the next run \
+                     decides on what it resolves to then",
+                    target.display(),
+                    p.display()
+                ),
+            }
+            .into());
+        }
         Err(e @ crate::steps::StepError::Interrupted { .. }) => return Err(e.into()),
         Err(e) => tracing::warn!(
             step = fetch::STEP,
@@ -958,6 +977,27 @@ async fn fetch_closure(
         ),
     }
     Ok(())
+}
+
+/// At the end of a run (after its history entry is written): the links
+/// that keep fetched closures from the collector go, unless one holds the
+/// closure of the store path this run resolved and did not get to run
+/// (its switch failed or was stopped: the next run needs it). The boot's
+/// fetch, which takes no lock, drops its own link when it ends after a
+/// run finished (see `crate::fetch`); together nothing is left rooted.
+fn release_fetched(store: &Store, resolved: Option<&std::path::Path>, agent: &Agent) {
+    let running = system::view(agent);
+    let (boot_link, link) = crate::fetch::links(store);
+    for l in [boot_link, link] {
+        let keep = fetch::fetched(&l).is_some_and(|p| {
+            Some(p.as_path()) == resolved
+                && running.current.as_deref() != Some(p.as_path())
+                && running.profile.as_deref() != Some(p.as_path())
+        });
+        if !keep {
+            fetch::release(&l);
+        }
+    }
 }
 
 /// Each script once per instance, recorded before it starts: a script that

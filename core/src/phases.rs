@@ -201,13 +201,16 @@ pub fn parse_start_time(stat: &str, ticks_per_second: u64) -> Option<Duration> {
     ))
 }
 
-/// Time since this machine booted. On a VM the kernel's uptime is it. In
-/// a container the kernel is the host's and has been up for longer: the
-/// container's boot is when its PID 1 started (`container_init`).
+/// Time since this machine booted. On a VM the kernel's uptime is it
+/// (from the kernel's start: firmware, boot loader and the launch itself
+/// come before). In a container the kernel is the host's and has been up
+/// for longer: the container's boot is when its PID 1 started
+/// (`container_init`). An uptime that is not longer than that is already
+/// the container's own (lxcfs virtualises `/proc/uptime`).
 pub fn since_boot(uptime: Duration, container_init: Option<Duration>) -> Duration {
     match container_init {
-        Some(start) => uptime.saturating_sub(start),
-        None => uptime,
+        Some(start) if start < uptime => uptime - start,
+        _ => uptime,
     }
 }
 
@@ -287,9 +290,7 @@ mod tests {
             since_boot(up, Some(Duration::from_secs(990))),
             Duration::from_secs(10)
         );
-        assert_eq!(
-            since_boot(up, Some(Duration::from_secs(2000))),
-            Duration::ZERO
-        );
+        // lxcfs: the uptime is the container's already.
+        assert_eq!(since_boot(up, Some(Duration::from_secs(2000))), up);
     }
 }

@@ -395,8 +395,7 @@ impl Scenario {
         standin::calls(&self.path("standin"))
     }
 
-    /// Argv of every stand-in call, as `prog arg arg`.
-    /// `fh fetch REF LINK` as the agent runs it: the link (the fetched
+    /// `fh fetch REF LINK` as a run runs it: the link (the fetched
     /// closure's GC root) in the state directory.
     pub fn fetch_line(&self, reference: &str) -> String {
         format!(
@@ -405,6 +404,16 @@ impl Scenario {
         )
     }
 
+    /// `fh fetch REF LINK` as `nixos-ami-agent fetch` (the boot's fetch)
+    /// runs it, with its own link.
+    pub fn boot_fetch_line(&self, reference: &str) -> String {
+        format!(
+            "fh fetch {reference} {}",
+            self.path("state/fetched-at-boot").display()
+        )
+    }
+
+    /// Argv of every stand-in call, as `prog arg arg`.
     pub fn call_lines(&self) -> Vec<String> {
         standin::call_lines(&self.path("standin"))
     }
@@ -428,13 +437,13 @@ impl Scenario {
         self
     }
 
-    /// Calls of the `nix` stand-in, as `nix arg arg`.
     /// Every download the `nix` stand-in made (a store path that was not
     /// valid yet).
     pub fn downloads(&self) -> Vec<crate::standin::Download> {
         crate::standin::downloads(&self.path("standin"))
     }
 
+    /// Calls of the `nix` stand-in, as `nix arg arg`.
     pub fn nix_call_lines(&self) -> Vec<String> {
         standin::nix_call_lines(&self.path("standin"))
     }

@@ -75,6 +75,12 @@ pub struct Behaviour {
     /// (ignoring nothing; a stop ends it).
     pub fetch: Mode,
     pub fetch_fail_times: u32,
+    /// The first this many `fh fetch` calls hang before copying anything
+    /// (a FlakeHub that never answers), then `fetch` applies.
+    pub fetch_hang_times: u32,
+    /// `fh fetch` and `fh apply` resolve every reference to this store
+    /// path (a release published after the agent's own `fh resolve`).
+    pub moved_to: Option<PathBuf>,
     /// How long the `nix` stand-in takes to download a store path that is
     /// not valid yet (`nix copy`, or `nix build` of a store path). A
     /// download holds a lock on the path, as the Nix daemon does
@@ -283,7 +289,9 @@ fn hang() -> ! {
 
 /// Replaces a symlink atomically, as nix-env --set and activation do.
 fn point(link: &Path, to: &Path) {
-    let tmp = link.with_extension("standin-tmp");
+    // Per process, as Nix's own temporary links: two copies creating the
+    // same link at once must not trip over each other.
+    let tmp = link.with_extension(format!("standin-tmp-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(to, &tmp).unwrap();
     std::fs::rename(&tmp, link).unwrap();
@@ -385,7 +393,13 @@ pub fn fh_main() -> ! {
         ["fetch", reference, link] => {
             eprintln!("resolving {reference}");
             std::fs::write(dir.join("pid-fetch"), std::process::id().to_string()).unwrap();
-            let path = flakehub_resolve(&dir, &b, reference);
+            let path = b
+                .moved_to
+                .clone()
+                .unwrap_or_else(|| flakehub_resolve(&dir, &b, reference));
+            if bump(&dir, "fetch-hang") <= b.fetch_hang_times {
+                hang();
+            }
             if bump(&dir, "fetch") <= b.fetch_fail_times {
                 eprintln!("Error: \n   0: error sending request (stand-in: transient)");
                 std::process::exit(1);
@@ -443,7 +457,7 @@ pub fn fh_main() -> ! {
             if b.private && !dir.join("token").exists() {
                 fh_error("access to this output reference is not authorized");
             }
-            let Some(path) = b.store_paths.get(reference) else {
+            let Some(path) = b.moved_to.as_ref().or(b.store_paths.get(reference)) else {
                 fh_error(&format!("output reference {reference} not found"));
             };
             // fh checks for `nix` by starting it from its PATH before it

@@ -56,7 +56,7 @@ fn first_boot_applies_then_second_boot_finds_nothing_to_do() {
         [
             "determinate-nixd login aws".to_owned(),
             format!("fh resolve --json {REF}"),
-            format!("fh fetch {REF} /var/lib/nixos-ami-agent/fetched"),
+            format!("fh fetch {REF} /var/lib/nixos-ami-agent/fetched-at-boot"),
         ],
         "{}",
         c.journal_text()
@@ -76,7 +76,7 @@ fn first_boot_applies_then_second_boot_finds_nothing_to_do() {
     assert_eq!(downloads[0].path, "new-system");
     assert_eq!(downloads[0].unit.as_deref(), Some(FETCH_UNIT));
     assert!(
-        !c.path("/var/lib/nixos-ami-agent/fetched").exists(),
+        !c.path("/var/lib/nixos-ami-agent/fetched-at-boot").exists(),
         "the GC root is dropped once the system profile holds the closure"
     );
     let boots = c.boot_ids();
@@ -813,7 +813,7 @@ fn a_target_that_changed_during_the_fetch_is_not_switched_to() {
     assert_eq!(c.show(boot, "Result"), "success", "{}", c.journal_text());
     assert_eq!(
         c.call_lines_in(FETCH_UNIT).last().map(String::as_str),
-        Some(format!("fh fetch {REF} /var/lib/nixos-ami-agent/fetched").as_str())
+        Some(format!("fh fetch {REF} /var/lib/nixos-ami-agent/fetched-at-boot").as_str())
     );
     let switched: Vec<_> = c
         .calls()
@@ -837,8 +837,84 @@ fn a_target_that_changed_during_the_fetch_is_not_switched_to() {
         state["last-applied"]["store-path"],
         format!("{FAKE_STORE}/next-system")
     );
+    for link in ["fetched", "fetched-at-boot"] {
+        assert!(
+            std::fs::symlink_metadata(c.path(&format!("/var/lib/nixos-ami-agent/{link}"))).is_err(),
+            "no GC root is left for either closure: {link}"
+        );
+    }
+}
+
+/// The journal entries' time (`__REALTIME_TIMESTAMP`, µs) of a unit's
+/// first line in the first boot, in ms.
+fn first_line_ms(c: &Container, unit: &str) -> u64 {
+    c.journal()
+        .iter()
+        .filter(|e| field(e, "_SYSTEMD_UNIT") == unit)
+        .filter_map(|e| field(e, "__REALTIME_TIMESTAMP").parse::<u64>().ok())
+        .min()
+        .expect("the unit logged")
+        / 1000
+}
+
+/// The download takes longer than the boot: neither multi-user.target nor
+/// the boot run waits for the fetch unit. The run starts while the
+/// download is in flight, its own fetch waits for that download (the
+/// per-path lock) instead of making a second one, and it switches as
+/// soon as the closure is there.
+#[test]
+#[ignore = "boots containers: needs root and systemd-nspawn (scripts/test runs it)"]
+fn a_download_longer_than_the_boot_is_not_waited_for_twice() {
+    if skip() {
+        return;
+    }
+    let mut c = Container::new(Some(&toml_user_data(&format!("flake = \"{REF}\""))));
+    c.behaviour.download_ms = 5000;
+    c.slow_boot(1.0);
+    assert_eq!(c.boot(LIMIT, |_| {}), 0, "{}", c.console());
+    let boot = &c.boot_ids()[0];
+    assert_eq!(c.show(boot, "Result"), "success", "{}", c.journal_text());
+    let (download, (_, slow_done)) = first_boot_timeline(&c);
+    assert_eq!(download.unit.as_deref(), Some(FETCH_UNIT));
+    let run_start = first_line_ms(&c, BOOT_UNIT);
     assert!(
-        !c.path("/var/lib/nixos-ami-agent/fetched").exists(),
-        "no GC root is left for either closure"
+        slow_done < download.finished_ms && run_start < download.finished_ms,
+        "the boot ({slow_done}) and the boot run ({run_start}) did not wait for the download \
+         (ended {})",
+        download.finished_ms
+    );
+    assert_eq!(
+        running_system(&c, "current-system"),
+        format!("{FAKE_STORE}/new-system")
+    );
+    println!(
+        "overlapped, D 5 s, B 1 s: boot to converged {:?}",
+        c.boot_to_converged(boot)
+    );
+}
+
+/// The boot's fetch hangs (FlakeHub never answers it): the boot run does
+/// not wait for it, downloads itself and converges; the hung fetch is no
+/// failed unit and holds nothing the run needs.
+#[test]
+#[ignore = "boots containers: needs root and systemd-nspawn (scripts/test runs it)"]
+fn a_hung_fetch_does_not_hold_the_run() {
+    if skip() {
+        return;
+    }
+    let mut c = Container::new(Some(&toml_user_data(&format!("flake = \"{REF}\""))));
+    c.behaviour.fetch_hang_times = 1;
+    c.behaviour.download_ms = 500;
+    c.slow_boot(1.0);
+    c.ignore_fetch();
+    assert_eq!(c.boot(LIMIT, |_| {}), 0, "{}", c.console());
+    let boot = &c.boot_ids()[0];
+    assert_eq!(c.show(boot, "Result"), "success", "{}", c.journal_text());
+    assert_eq!(c.reported(boot, "fetch", "ActiveState"), "activating");
+    let (download, _) = first_boot_timeline(&c);
+    assert_eq!(download.unit.as_deref(), Some(BOOT_UNIT));
+    assert_eq!(
+        running_system(&c, "current-system"),
+        format!("{FAKE_STORE}/new-system")
     );
 }

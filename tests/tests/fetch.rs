@@ -33,14 +33,14 @@ fn fetch_downloads_the_closure_and_the_run_only_switches() {
         [
             "determinate-nixd login aws".to_owned(),
             format!("fh resolve --json {REF}"),
-            s.fetch_line(REF),
+            s.boot_fetch_line(REF),
         ]
     );
     // Nothing changed: no switch, no state, no history of runs.
     assert_eq!(s.current_system(), s.store_path("old-system"));
     assert!(!s.path("state/state.json").exists());
     assert!(!s.path("state/runs.json").exists());
-    let link = std::fs::read_link(s.path("state/fetched")).unwrap();
+    let link = std::fs::read_link(s.path("state/fetched-at-boot")).unwrap();
     assert_eq!(link, s.store_path("new-system"));
     let f = fetch_json(&s);
     assert_eq!(f["outcome"], "fetched");
@@ -73,7 +73,7 @@ fn fetch_downloads_the_closure_and_the_run_only_switches() {
     );
     assert_eq!(s.downloads().len(), 1, "not downloaded again");
     assert_eq!(s.current_system(), s.store_path("new-system"));
-    assert!(std::fs::symlink_metadata(s.path("state/fetched")).is_err());
+    assert!(std::fs::symlink_metadata(s.path("state/fetched-at-boot")).is_err());
     assert!(
         out.stderr.contains("is here: fetched at boot in "),
         "{out:?}"
@@ -184,7 +184,7 @@ fn a_failed_fetch_changes_nothing_and_the_run_still_converges() {
         "{out:?}"
     );
     assert_eq!(fetch_json(&s)["outcome"], "failed");
-    assert!(std::fs::symlink_metadata(s.path("state/fetched")).is_err());
+    assert!(std::fs::symlink_metadata(s.path("state/fetched-at-boot")).is_err());
     // The run's own fetch fails too; fh apply downloads.
     let out = s.run(&["run"]);
     assert_eq!(out.code, 0, "{out:?}");
@@ -209,7 +209,10 @@ fn fetch_gives_fh_the_systems_nix() {
     assert!(
         nix.iter().any(|l| l.contains(" copy ")
             && l.contains("--from https://cache.flakehub.com/")
-            && l.contains(&format!("--out-link {}", s.path("state/fetched").display()))),
+            && l.contains(&format!(
+                "--out-link {}",
+                s.path("state/fetched-at-boot").display()
+            ))),
         "{nix:?}"
     );
     let s = scenario(&flake());
@@ -266,7 +269,7 @@ fn fetch_does_not_wait_for_a_run_and_skips_a_rejected_target() {
     let out = s.run(&["fetch"]);
     assert_eq!(out.code, 0, "{out:?}");
     drop(lock);
-    std::fs::remove_file(s.path("state/fetched")).unwrap();
+    std::fs::remove_file(s.path("state/fetched-at-boot")).unwrap();
 
     let state = serde_json::json!({
         "format": 1,
@@ -310,7 +313,9 @@ fn a_stale_fetch_is_released_by_the_next_run() {
     let out = s.run(&["run"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(s.current_system(), s.store_path("kernel-system"));
-    assert!(std::fs::symlink_metadata(s.path("state/fetched")).is_err());
+    for link in ["state/fetched", "state/fetched-at-boot"] {
+        assert!(std::fs::symlink_metadata(s.path(link)).is_err(), "{link}");
+    }
     let downloads: Vec<String> = s.downloads().into_iter().map(|d| d.path).collect();
     assert_eq!(downloads, ["new-system", "kernel-system"]);
 }
@@ -333,7 +338,7 @@ fn a_secure_string_target_stays_secret_in_the_fetch() {
         .insert(secret_ref.into(), s.store_path("new-system"));
     let out = s.run(&["fetch"]);
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(s.call_lines().contains(&s.fetch_line(secret_ref)));
+    assert!(s.call_lines().contains(&s.boot_fetch_line(secret_ref)));
     let record = std::fs::read_to_string(s.path("state/fetch.json")).unwrap();
     for (what, text) in [("stderr", &out.stderr), ("fetch.json", &record)] {
         assert!(!text.contains("hush-hush"), "{what}: {text}");
@@ -342,4 +347,29 @@ fn a_secure_string_target_stays_secret_in_the_fetch() {
         record.contains(&format!("<SecureString {PARAM}>")),
         "{record}"
     );
+}
+
+/// A release published between the run's resolve and its fetch: `fh
+/// fetch` (and `fh apply`, which resolves again) would get a store path
+/// the run neither decided on nor checked against the rejected ones. The
+/// run applies nothing and fails for now (75); the next one decides again.
+#[test]
+fn a_target_that_moves_during_the_runs_fetch_is_not_applied() {
+    let mut s = scenario(&flake());
+    s.behaviour.moved_to = Some(s.store_path("kernel-system"));
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 75, "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "resolved to {} but to {} a moment later, while it was being fetched",
+            s.store_path("new-system").display(),
+            s.store_path("kernel-system").display()
+        )),
+        "{out:?}"
+    );
+    assert!(!s.call_lines().iter().any(|l| l.starts_with("fh apply")));
+    assert_eq!(s.current_system(), s.store_path("old-system"));
+    for link in ["state/fetched", "state/fetched-at-boot"] {
+        assert!(std::fs::symlink_metadata(s.path(link)).is_err(), "{link}");
+    }
 }

@@ -10,14 +10,17 @@ use crate::settings::{Action, OutputRef};
 
 pub const STEP: &str = "apply";
 
+/// `timeout`: what is left of `apply-timeout` after the run's fetch (one
+/// budget for the download and the switch, as when `fh apply` did both).
 pub async fn apply(
     agent: &Agent,
     redactor: &Redactor,
     flake: &OutputRef,
     action: Action,
+    timeout: std::time::Duration,
 ) -> Result<(), StepError> {
     // fh needs `nix` on its PATH (system_path gives it the system's).
-    let prog = Program::new(&agent.fh, STEP, agent.apply_timeout)
+    let prog = Program::new(&agent.fh, STEP, timeout)
         .args(["apply", "nixos", flake.as_str(), action.as_str()])
         .system_path(&agent.current_system);
     let out = process::run(&prog, redactor)

@@ -20,8 +20,10 @@ use std::path::{Path, PathBuf};
 
 pub const STEP: &str = "fetch";
 
-/// The name of the link (a GC root) in the state directory.
+/// The name of a run's link (a GC root) in the state directory.
 pub const LINK: &str = "fetched";
+/// The boot's fetch's link (`nixos-ami-agent fetch`).
+pub const BOOT_LINK: &str = "fetched-at-boot";
 
 /// Runs `fh fetch`; the store path LINK then points at (what fh resolved
 /// REF to when it fetched, which may differ from what the caller

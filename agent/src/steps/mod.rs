@@ -32,6 +32,11 @@ pub enum StepError {
     /// The run was asked to stop while the step ran.
     #[error("{step}: {reason}")]
     Interrupted { step: &'static str, reason: String },
+    /// The target resolved to another store path while the step ran (a
+    /// new release, a changed parameter): what the run decided on is not
+    /// what it would apply. The next run decides again.
+    #[error("{step}: {reason}")]
+    Moved { step: &'static str, reason: String },
 }
 
 impl StepError {
@@ -72,7 +77,8 @@ impl StepError {
                     StepError::Missing { reason, .. }
                     | StepError::TimedOut { reason, .. }
                     | StepError::Failed { reason, .. }
-                    | StepError::Interrupted { reason, .. } => reason,
+                    | StepError::Interrupted { reason, .. }
+                    | StepError::Moved { reason, .. } => reason,
                     StepError::Exhausted { last, .. } => last,
                 };
                 StepError::Exhausted {

@@ -803,7 +803,9 @@ fn first_boot_section(w: &mut String, smoke: bool) {
         "\nWhere one overlapped first boot's time went (D {d} s, B {b} s), from the journal: the \
          `PHASES_MS` of each unit's phases event (`MESSAGE_ID=d83fcfe263434edda3992e11922913c2`, \
          `journalctl -o json`), as `nixos-ami-agent status` shows them. The boot run's `boot` phase is \
-         from the boot to its start (`multi-user.target`); its `fetch` found the closure there.\n"
+         from the boot to its start (`multi-user.target`); its `fetch` found the closure there, or, \
+         when the download takes longer than the boot, waited for the download in flight (the \
+         per-path lock) instead of making a second one.\n"
     )
     .unwrap();
     let all = [
