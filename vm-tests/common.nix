@@ -40,9 +40,11 @@ rec {
   # script's `.splitlines()`.
   callsFrom = unit: "cat /var/lib/standin/by-unit/${unit}";
 
-  # Where the boot's fetch roots the closure it downloaded (fh fetch's
-  # LINK); the run removes it once it switched.
-  fetchedLink = "/var/lib/nixos-ami-agent/fetched";
+  # Where the boot's fetch and a run root the closure they downloaded
+  # (fh fetch's LINK); the run removes both once it switched.
+  bootFetchedLink = "/var/lib/nixos-ami-agent/fetched-at-boot";
+  runFetchedLink = "/var/lib/nixos-ami-agent/fetched";
+  noFetchedLinks = "! test -L /var/lib/nixos-ami-agent/fetched-at-boot && ! test -L /var/lib/nixos-ami-agent/fetched";
 
   # The boot's fetch (nixos-ami-agent-fetch.service) ended: Type=oneshot
   # with RemainAfterExit, it stays active (exited).

@@ -46,6 +46,6 @@ pkgs.testers.runNixOSTest {
     )
     machine.succeed("journalctl -o cat -u nixos-ami-agent.service | grep -q '^run phases: '")
     assert "  phases:     " in machine.succeed("nixos-ami-agent status")
-    machine.succeed("test ! -L ${common.fetchedLink} && test ! -e ${common.fetchedLink}")
+    machine.succeed("${common.noFetchedLinks}")
   '';
 }
