@@ -398,6 +398,26 @@ fn timer_applies_a_changed_ssm_parameter() {
     assert_eq!(field(applied[1], "SSM_PARAMETER"), "/fleets/web");
     assert_eq!(field(applied[1], "FLAKE_REF"), REF_NEXT);
     assert_eq!(c.state()["last-run"]["target"]["ssm-version"], 2);
+    // The timer's run fetches first, then switches: the switch finds the
+    // closure there.
+    let run_calls = c.call_lines_in("nixos-ami-agent-run.service");
+    let apply = run_calls
+        .iter()
+        .position(|l| *l == format!("fh apply nixos {REF_NEXT} switch"))
+        .expect("the timer's run applied");
+    assert_eq!(
+        run_calls[apply - 1],
+        format!("fh fetch {REF_NEXT} /var/lib/nixos-ami-agent/fetched"),
+        "{run_calls:?}"
+    );
+    assert!(
+        c.downloads()
+            .iter()
+            .any(|d| d.path == "next-system"
+                && d.unit.as_deref() == Some("nixos-ami-agent-run.service")),
+        "{:?}",
+        c.downloads()
+    );
     let raw = serde_json::to_string(&journal).unwrap();
     assert!(
         !raw.contains(TOKEN_PREFIX),
