@@ -34,7 +34,8 @@ Exit codes:
       refused a request)
   74  the state directory cannot be read or written
   75  temporary: a retry budget ran out on something that may heal, a
-      program timed out, or another run held the lock
+      program timed out, another run held the lock, or the target
+      resolved to another store path while it was being fetched
       (also a run stopped by SIGTERM, SIGINT or SIGHUP: it passes the
       signal on to the program it runs, waits for it, and records the
       interruption first)

@@ -927,7 +927,10 @@ async fn fetch_closure(
     let at_boot = fetch::fetched(&boot_link).as_deref() == Some(target);
     if at_boot || fetch::fetched(&link).as_deref() == Some(target) {
         let record = crate::fetch::read(ctx.store.safe_dir())
-            .filter(|f| at_boot && f.store_path.as_deref() == Some(&*target.to_string_lossy()));
+            .filter(|f| at_boot && f.store_path.as_deref() == Some(&*target.to_string_lossy()))
+            .filter(|f| {
+                f.boot_id.is_some() && f.boot_id == system::boot_id(&ctx.config.agent.boot_id)
+            });
         let note = match record.as_ref().and_then(|f| f.fetch_time()) {
             Some(d) => format!("fetched at boot in {}", crate::phases::human(d)),
             None => "already fetched".to_owned(),
@@ -971,10 +974,31 @@ async fn fetch_closure(
             .into());
         }
         Err(e @ crate::steps::StepError::Interrupted { .. }) => return Err(e.into()),
-        Err(e) => tracing::warn!(
-            step = fetch::STEP,
-            "fetching failed ({e}); fh apply fetches what is missing"
-        ),
+        Err(e) => {
+            tracing::warn!(
+                step = fetch::STEP,
+                "fetching failed ({e}); fh apply fetches what is missing"
+            );
+            // The fetch may have taken minutes before it failed (a stalled
+            // download): `fh apply` resolves REF again, so the target must
+            // still be what this run decided on.
+            let backoff = crate::retry::Backoff::with_budget(ctx.config.agent.retry_budget);
+            let now = resolve::resolve(&ctx.config.agent, &backoff, redactor, flake).await?;
+            let now = system::canonical(&now).unwrap_or(now);
+            if now != target {
+                return Err(crate::steps::StepError::Moved {
+                    step: fetch::STEP,
+                    reason: format!(
+                        "{shown} resolved to {} but to {} after the fetch failed (a new release, \
+                         or a changed parameter); not applied: the next run decides on what it \
+                         resolves to then",
+                        target.display(),
+                        now.display()
+                    ),
+                }
+                .into());
+            }
+        }
     }
     Ok(())
 }

@@ -79,8 +79,10 @@ pub struct Behaviour {
     /// (a FlakeHub that never answers), then `fetch` applies.
     pub fetch_hang_times: u32,
     /// `fh fetch` and `fh apply` resolve every reference to this store
-    /// path (a release published after the agent's own `fh resolve`).
+    /// path (a release published after the agent's own `fh resolve`);
+    /// so does `fh resolve`, after this many calls, when not 0.
     pub moved_to: Option<PathBuf>,
+    pub resolve_moves_after: u32,
     /// How long the `nix` stand-in takes to download a store path that is
     /// not valid yet (`nix copy`, or `nix build` of a store path). A
     /// download holds a lock on the path, as the Nix daemon does
@@ -378,7 +380,13 @@ pub fn fh_main() -> ! {
                 }
                 _ => {}
             }
-            let path = flakehub_resolve(&dir, &b, reference);
+            let mut path = flakehub_resolve(&dir, &b, reference);
+            if b.resolve_moves_after > 0
+                && bump(&dir, "resolve-moved") > b.resolve_moves_after
+                && let Some(moved) = &b.moved_to
+            {
+                path = moved.clone();
+            }
             let attr = reference.split_once('#').map_or("", |(_, a)| a);
             println!(
                 "{}",

@@ -373,3 +373,46 @@ fn a_target_that_moves_during_the_runs_fetch_is_not_applied() {
         assert!(std::fs::symlink_metadata(s.path(link)).is_err(), "{link}");
     }
 }
+
+/// The run's fetch fails after a while, and meanwhile a release was
+/// published: `fh apply` would resolve again and switch to it. The run
+/// resolves again first, and applies nothing.
+#[test]
+fn a_target_that_moves_while_the_runs_fetch_fails_is_not_applied() {
+    let mut s = scenario(&flake());
+    s.behaviour.fetch = Mode::Fail;
+    s.behaviour.moved_to = Some(s.store_path("kernel-system"));
+    s.behaviour.resolve_moves_after = 1;
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 75, "{out:?}");
+    assert!(out.stderr.contains("after the fetch failed"), "{out:?}");
+    assert!(!s.call_lines().iter().any(|l| l.starts_with("fh apply")));
+    assert_eq!(s.current_system(), s.store_path("old-system"));
+}
+
+/// An apply that fails keeps the fetched closure rooted for the restart,
+/// which then only switches; a run that fails before it resolves keeps
+/// nothing (it cannot tell what is still wanted).
+#[test]
+fn a_failed_apply_keeps_the_fetched_closure_for_the_next_run() {
+    let mut s = scenario(&flake());
+    assert_eq!(s.run(&["fetch"]).code, 0);
+    s.behaviour.apply_fail_times = 1;
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(
+        std::fs::read_link(s.path("state/fetched-at-boot")).unwrap(),
+        s.store_path("new-system")
+    );
+    let before = s.call_lines().len();
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let again = &s.call_lines()[before..];
+    assert!(
+        !again.iter().any(|l| l.starts_with("fh fetch")),
+        "{again:?}"
+    );
+    assert_eq!(s.current_system(), s.store_path("new-system"));
+    assert!(std::fs::symlink_metadata(s.path("state/fetched-at-boot")).is_err());
+    assert_eq!(s.downloads().len(), 1);
+}

@@ -154,7 +154,9 @@ impl Cli {
                 let r = match config() {
                     Ok(c) => {
                         tokio::select! {
-                            (r, pending) = crate::run::run(&c, &env) => {
+                            // Boxed: the run's future nests deep enough to overflow
+                            // the compiler's layout queries in a release build.
+                            (r, pending) = Box::pin(crate::run::run(&c, &env)) => {
                                 crate::run::outcome_line(&r);
                                 if let Some(p) = pending {
                                     p.send(&c).await;
@@ -184,7 +186,7 @@ impl Cli {
                 let r = match config() {
                     Ok(c) => {
                         tokio::select! {
-                            r = crate::fetch::fetch(&c, &env) => r.map(|_| ()),
+                            r = Box::pin(crate::fetch::fetch(&c, &env)) => r.map(|_| ()),
                             () = wind_down_limit() => {
                                 tracing::error!("the fetch did not wind down within {}s of the stop; its programs were killed", WIND_DOWN.as_secs());
                                 return exit::TEMPFAIL;
