@@ -246,7 +246,10 @@ fn record(dir: &Path, prog: &str, argv: &[String]) {
         .append(true)
         .open(dir.join("calls.jsonl"))
         .unwrap();
-    writeln!(f, "{line}").unwrap();
+    // One write(2) of the whole line: O_APPEND keeps it whole while the
+    // stand-ins of two units (the boot's fetch, a run) append at once;
+    // writeln! would write the newline separately.
+    f.write_all(format!("{line}\n").as_bytes()).unwrap();
 }
 
 /// Counts calls per key across processes, for "fail N times".
@@ -725,7 +728,10 @@ fn substitute(dir: &Path, path: &Path) {
         .append(true)
         .open(dir.join("downloads.jsonl"))
         .unwrap();
-    writeln!(f, "{line}").unwrap();
+    // One write(2) of the whole line: O_APPEND keeps it whole while the
+    // stand-ins of two units (the boot's fetch, a run) append at once;
+    // writeln! would write the newline separately.
+    f.write_all(format!("{line}\n").as_bytes()).unwrap();
 }
 
 /// The `switch-to-configuration` stand-in, linked as

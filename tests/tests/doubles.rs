@@ -85,3 +85,30 @@ fn imds_double_token_semantics() {
     imds.with(|i| i.token_forbidden = true);
     assert_eq!(http(a, "PUT", "/latest/api/token", &[(TTL, "60")]).0, 403);
 }
+
+/// The stand-ins of two units (the boot's fetch and a run) record their
+/// calls at the same time: every line of `calls.jsonl` stays whole.
+#[test]
+fn stand_ins_called_at_once_record_whole_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = nixos_ami_agent_tests::harness::workspace_bin("fake-determinate-nixd");
+    let mut children = vec![];
+    for _ in 0..8 {
+        for _ in 0..12 {
+            children.push(
+                std::process::Command::new(&bin)
+                    .args(["login", "aws"])
+                    .env(nixos_ami_agent_tests::standin::DIR_ENV, dir.path())
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+        }
+        for mut c in children.drain(..) {
+            assert!(c.wait().unwrap().success());
+        }
+    }
+    // `calls` panics on a line that is not one JSON object.
+    let calls = nixos_ami_agent_tests::standin::calls(dir.path());
+    assert_eq!(calls.len(), 96);
+}
