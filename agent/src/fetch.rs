@@ -19,7 +19,7 @@ use crate::plan::{self, Decision};
 use crate::run::{self, Environment};
 use crate::safe_dir::SafeDir;
 use crate::state::Store;
-use crate::steps::{fetch, login, resolve};
+use crate::steps::fetch;
 use crate::timing::Clock;
 use crate::{log, notify, system};
 use serde::{Deserialize, Serialize};
@@ -211,37 +211,8 @@ async fn fetch_inner(
     let shown = r.shown.clone().unwrap_or_default();
     *shown_out = Some(shown.clone());
     Span::current().record("flake_ref", shown.as_str());
-    crate::process::check_program(&agent.fh).map_err(|e| crate::steps::StepError::Missing {
-        step: "preflight",
-        reason: e.to_string(),
-    })?;
-    let backoff = crate::retry::Backoff::with_budget(agent.retry_budget);
-    if r.settings.login.value {
-        crate::process::check_program(&agent.determinate_nixd).map_err(|e| {
-            crate::steps::StepError::Missing {
-                step: "preflight",
-                reason: e.to_string(),
-            }
-        })?;
-        notify::status("logging in to FlakeHub");
-        tracing::info!(
-            step = login::STEP,
-            "logging in to FlakeHub (determinate-nixd login aws)"
-        );
-        clock
-            .time(Phase::Login, login::login(agent, &backoff, &r.redactor))
-            .await?;
-    }
-    notify::status(&format!("resolving {shown}"));
-    tracing::info!(step = resolve::STEP, "resolving {shown}");
-    let resolved = clock
-        .time(
-            Phase::Resolve,
-            resolve::resolve(agent, &backoff, &r.redactor, &flake),
-        )
-        .await?;
-    let target = system::canonical(&resolved).unwrap_or(resolved);
-    Span::current().record("store_path", field::display(target.display()));
+    let target =
+        run::login_and_resolve(agent, &r.settings, &r.redactor, &flake, &shown, clock).await?;
     *store_path_out = Some(target.display().to_string());
     let action = r.settings.action.value;
     if let Decision::UpToDate { reason } = plan::decide(action, &target, &system::view(agent)) {
@@ -274,18 +245,7 @@ async fn fetch_inner(
             message: format!("{shown} ({}) is already fetched", target.display()),
         });
     }
-    notify::status(&format!("fetching {shown}"));
-    tracing::info!(
-        step = fetch::STEP,
-        "fetching {shown} ({})",
-        target.display()
-    );
-    let got = clock
-        .time(
-            Phase::Fetch,
-            fetch::fetch(agent, &r.redactor, &flake, &link),
-        )
-        .await?;
+    let got = run::fetch_timed(agent, clock, &r.redactor, &flake, &shown, &target, &link).await?;
     let running = system::view(agent).current;
     if running.as_deref() == Some(got.as_path()) || run_finished_since(store, agent, &started) {
         // The boot run did not wait for this fetch, and switched (the

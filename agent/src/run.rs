@@ -702,44 +702,9 @@ async fn converge(
     // saved again before anything changes the system (apply) and at the
     // end, so a crash before then loses nothing a rerun would not redo.
 
-    // Before anything runs: a missing program is the image's fault and
-    // must not leave a half-done run (logged in, never applied).
-    crate::process::check_program(&agent.fh).map_err(|e| crate::steps::StepError::Missing {
-        step: "preflight",
-        reason: e.to_string(),
-    })?;
-    if r.settings.login.value {
-        crate::process::check_program(&agent.determinate_nixd).map_err(|e| {
-            crate::steps::StepError::Missing {
-                step: "preflight",
-                reason: e.to_string(),
-            }
-        })?;
-    }
-    let backoff = Backoff::with_budget(agent.retry_budget);
-    if r.settings.login.value {
-        notify::status("logging in to FlakeHub");
-        tracing::info!(
-            step = login::STEP,
-            "logging in to FlakeHub (determinate-nixd login aws)"
-        );
-        ctx.clock
-            .time(Phase::Login, login::login(agent, &backoff, &r.redactor))
-            .await?;
-    }
-    notify::status(&format!("resolving {shown}"));
-    tracing::info!(step = resolve::STEP, "resolving {shown}");
-    let resolved = ctx
-        .clock
-        .time(
-            Phase::Resolve,
-            resolve::resolve(agent, &backoff, &r.redactor, &flake),
-        )
-        .await?;
-    let target = system::canonical(&resolved).unwrap_or(resolved);
+    let target =
+        login_and_resolve(agent, &r.settings, &r.redactor, &flake, &shown, ctx.clock).await?;
     record.store_path = Some(target.display().to_string());
-    Span::current().record("store_path", tracing::field::display(target.display()));
-    tracing::info!(step = resolve::STEP, store_path = %target.display(), "{shown} resolves to {}", target.display());
 
     // What changes the running system is judged now (and, if it needs a
     // reboot, again after it); `boot` is judged after the reboot.
@@ -908,6 +873,74 @@ async fn converge(
     Ok((outcome, message))
 }
 
+/// What a run and the boot's fetch do once they know the target: check the
+/// programs, log in (unless `login = false`), resolve; the store path, as
+/// the system links show store paths. The store path is recorded in the
+/// run's span.
+pub(crate) async fn login_and_resolve(
+    agent: &Agent,
+    settings: &Settings,
+    redactor: &Redactor,
+    flake: &OutputRef,
+    shown: &str,
+    clock: &Clock,
+) -> Result<PathBuf, Failure> {
+    let missing = |e: crate::process::ProcessError| crate::steps::StepError::Missing {
+        step: "preflight",
+        reason: e.to_string(),
+    };
+    // Before anything runs: a missing program is the image's fault and
+    // must not leave a half-done run (logged in, never applied).
+    crate::process::check_program(&agent.fh).map_err(missing)?;
+    if settings.login.value {
+        crate::process::check_program(&agent.determinate_nixd).map_err(missing)?;
+    }
+    let backoff = Backoff::with_budget(agent.retry_budget);
+    if settings.login.value {
+        notify::status("logging in to FlakeHub");
+        tracing::info!(
+            step = login::STEP,
+            "logging in to FlakeHub (determinate-nixd login aws)"
+        );
+        clock
+            .time(Phase::Login, login::login(agent, &backoff, redactor))
+            .await?;
+    }
+    notify::status(&format!("resolving {shown}"));
+    tracing::info!(step = resolve::STEP, "resolving {shown}");
+    let resolved = clock
+        .time(
+            Phase::Resolve,
+            resolve::resolve(agent, &backoff, redactor, flake),
+        )
+        .await?;
+    let target = system::canonical(&resolved).unwrap_or(resolved);
+    Span::current().record("store_path", tracing::field::display(target.display()));
+    tracing::info!(step = resolve::STEP, store_path = %target.display(), "{shown} resolves to {}", target.display());
+    Ok(target)
+}
+
+/// `fh fetch REF LINK`, said and timed as the fetch phase.
+pub(crate) async fn fetch_timed(
+    agent: &Agent,
+    clock: &Clock,
+    redactor: &Redactor,
+    flake: &OutputRef,
+    shown: &str,
+    target: &std::path::Path,
+    link: &std::path::Path,
+) -> Result<PathBuf, crate::steps::StepError> {
+    notify::status(&format!("fetching {shown}"));
+    tracing::info!(
+        step = fetch::STEP,
+        "fetching {shown} ({})",
+        target.display()
+    );
+    clock
+        .time(Phase::Fetch, fetch::fetch(agent, redactor, flake, link))
+        .await
+}
+
 /// The fetch phase of a run that applies: nothing when the boot's fetch
 /// (or an earlier run) already fetched this very store path, else `fh
 /// fetch`. A fetch that fails is only a warning: `fh apply` fetches what
@@ -944,18 +977,16 @@ async fn fetch_closure(
         );
         return Ok(());
     }
-    notify::status(&format!("fetching {shown}"));
-    tracing::info!(
-        step = fetch::STEP,
-        "fetching {shown} ({})",
-        target.display()
-    );
-    let got = clock
-        .time(
-            Phase::Fetch,
-            fetch::fetch(&ctx.config.agent, redactor, flake, &link),
-        )
-        .await;
+    let got = fetch_timed(
+        &ctx.config.agent,
+        clock,
+        redactor,
+        flake,
+        shown,
+        target,
+        &link,
+    )
+    .await;
     match got {
         Ok(p) if p == target => {
             tracing::info!(step = fetch::STEP, "fetched {shown} ({})", target.display());

@@ -154,16 +154,6 @@ impl Phases {
         }
         phases
     }
-
-    /// Parses [`Phases::field`] back (the benchmark reads the journal).
-    pub fn parse_field(text: &str) -> Option<Self> {
-        let mut phases = Self::default();
-        for pair in text.split_whitespace() {
-            let (name, ms) = pair.split_once('=')?;
-            phases.add(Phase::parse(name)?, Duration::from_millis(ms.parse().ok()?));
-        }
-        Some(phases)
-    }
 }
 
 /// A duration for people: `12 ms`, `1.5 s`, `2 min 5 s`.
@@ -235,10 +225,6 @@ mod tests {
         assert_eq!(p.get(Phase::Health), Some(Duration::from_secs(2)));
         let back = Phases::from_records(&p.records());
         assert_eq!(back, p);
-        let parsed = Phases::parse_field(&p.field()).unwrap();
-        assert_eq!(parsed.field(), p.field());
-        assert_eq!(Phases::parse_field("fetch=x"), None);
-        assert_eq!(Phases::parse_field("warp=3"), None);
     }
 
     #[test]

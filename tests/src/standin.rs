@@ -227,29 +227,37 @@ fn lines(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<String> {
         .collect()
 }
 
-fn record(dir: &Path, prog: &str, argv: &[String]) {
+/// Appends one JSON record to `dir/file` with one write(2): O_APPEND
+/// keeps it whole while the stand-ins of two units (the boot's fetch, a
+/// run) append at once (writeln! would write the newline separately).
+fn append(dir: &Path, file: &str, record: &impl Serialize) {
     use std::io::Write;
+    let line = serde_json::to_string(record).unwrap();
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(file))
+        .unwrap()
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap();
+}
+
+fn record(dir: &Path, prog: &str, argv: &[String]) {
     let mut env: Vec<String> = std::env::vars_os()
         .map(|(k, _)| k.to_string_lossy().into_owned())
         .collect();
     env.sort();
-    let line = serde_json::to_string(&Call {
-        prog: prog.into(),
-        argv: argv.to_vec(),
-        path: std::env::var("PATH").ok(),
-        env,
-        unit: own_unit(),
-    })
-    .unwrap();
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("calls.jsonl"))
-        .unwrap();
-    // One write(2) of the whole line: O_APPEND keeps it whole while the
-    // stand-ins of two units (the boot's fetch, a run) append at once;
-    // writeln! would write the newline separately.
-    f.write_all(format!("{line}\n").as_bytes()).unwrap();
+    append(
+        dir,
+        "calls.jsonl",
+        &Call {
+            prog: prog.into(),
+            argv: argv.to_vec(),
+            path: std::env::var("PATH").ok(),
+            env,
+            unit: own_unit(),
+        },
+    );
 }
 
 /// Counts calls per key across processes, for "fail N times".
@@ -629,6 +637,17 @@ pub fn nix_main() -> ! {
                 std::process::exit(2);
             };
             let out_link = flag("--out-link");
+            // Nix's addPermRoot: an out-link path that holds something
+            // other than a link into the store is refused, not replaced.
+            if let Some(link) = &out_link
+                && std::fs::symlink_metadata(link).is_ok_and(|m| !m.file_type().is_symlink())
+            {
+                eprintln!(
+                    "error: cannot create symlink '{}'; already exists",
+                    link.display()
+                );
+                std::process::exit(1);
+            }
             substitute(&dir, &path);
             if let Some(link) = out_link {
                 point(&link, &path);
@@ -715,23 +734,16 @@ fn substitute(dir: &Path, path: &Path) {
     std::thread::sleep(std::time::Duration::from_millis(b.download_ms));
     std::fs::create_dir_all(dir.join("valid")).unwrap();
     std::fs::write(dir.join("valid").join(&name), "").unwrap();
-    let line = serde_json::to_string(&Download {
-        path: name,
-        unit: own_unit(),
-        started_ms,
-        finished_ms: unix_ms(),
-    })
-    .unwrap();
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("downloads.jsonl"))
-        .unwrap();
-    // One write(2) of the whole line: O_APPEND keeps it whole while the
-    // stand-ins of two units (the boot's fetch, a run) append at once;
-    // writeln! would write the newline separately.
-    f.write_all(format!("{line}\n").as_bytes()).unwrap();
+    append(
+        dir,
+        "downloads.jsonl",
+        &Download {
+            path: name,
+            unit: own_unit(),
+            started_ms,
+            finished_ms: unix_ms(),
+        },
+    );
 }
 
 /// The `switch-to-configuration` stand-in, linked as

@@ -19,6 +19,16 @@ fn flake() -> String {
     format!("flake = \"{REF}\"")
 }
 
+/// The phases a record (a run's, the fetch's) holds, in order.
+fn phase_names(record: &serde_json::Value) -> Vec<&str> {
+    record["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect()
+}
+
 fn fetch_json(s: &Scenario) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(s.path("state/fetch.json")).unwrap()).unwrap()
 }
@@ -49,13 +59,7 @@ fn fetch_downloads_the_closure_and_the_run_only_switches() {
         s.store_path("new-system").display().to_string()
     );
     assert_eq!(f["flake"], REF);
-    let phases: Vec<&str> = f["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["phase"].as_str().unwrap())
-        .collect();
-    assert_eq!(phases, ["metadata", "login", "resolve", "fetch"]);
+    assert_eq!(phase_names(&f), ["metadata", "login", "resolve", "fetch"]);
     assert!(out.stderr.contains("fetch phases: metadata "), "{out:?}");
     assert_eq!(s.downloads().len(), 1);
 
@@ -79,15 +83,9 @@ fn fetch_downloads_the_closure_and_the_run_only_switches() {
         "{out:?}"
     );
     let run = &s.state()["last-run"];
-    let names: Vec<&str> = run["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["phase"].as_str().unwrap())
-        .collect();
     // The first run of this boot: its phases start with the boot.
     assert_eq!(
-        names,
+        phase_names(run),
         [
             "boot", "metadata", "login", "resolve", "fetch", "switch", "verify", "health"
         ]
@@ -415,4 +413,23 @@ fn a_failed_apply_keeps_the_fetched_closure_for_the_next_run() {
     assert_eq!(s.current_system(), s.store_path("new-system"));
     assert!(std::fs::symlink_metadata(s.path("state/fetched-at-boot")).is_err());
     assert_eq!(s.downloads().len(), 1);
+}
+
+/// Nix refuses an out-link path that holds something other than a link
+/// (addPermRoot: "already exists"); so does the stand-in. The run's fetch
+/// fails with a warning, and `fh apply` still converges.
+#[test]
+fn a_file_in_the_links_place_fails_only_the_fetch() {
+    let s = scenario(&flake());
+    std::fs::create_dir_all(s.path("state")).unwrap();
+    std::fs::write(s.path("state/fetched"), "not a link").unwrap();
+    let out = s.run(&["run"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("already exists"), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("fetching failed (fetch: fh fetch failed"),
+        "{out:?}"
+    );
+    assert_eq!(s.current_system(), s.store_path("new-system"));
 }
